@@ -1,0 +1,11 @@
+"""e3fast: fused kernels for SO(3)/O(3)-steerable 3D voxel convolutions and the equivariant U-Net.
+
+Voxel tensors are ``[batch, irreps.dim, x, y, z]`` with channels in e3nn's irreps order (see
+:mod:`e3fast.irreps_layout`); channels-first and channels-last-3d memory formats are both accepted.
+"""
+from e3fast.backends import available_backends, set_backend, use_backend
+from e3fast import ops, nn, models  # noqa: E402  (ops registers the native autograd)
+
+__version__ = "0.1.0"
+
+__all__ = ["available_backends", "set_backend", "use_backend", "ops", "nn", "models", "__version__"]

@@ -1,0 +1,66 @@
+"""Steerable voxel convolution with the self-connection folded into the kernel's centre tap."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from e3fast.e3nn_checkpoint import absorb_convolution_buffers
+from e3fast.irreps_layout import check_voxel_input, parse_irreps
+from e3fast.nn.linear import Linear
+from e3fast.ops import assemble_kernel
+from e3fast.steerable_basis import voxel_convolution_basis
+
+
+class VoxelConvolution(torch.nn.Module):
+    """SO(3)/O(3)-steerable convolution on voxels in physical units.
+
+    Same semantics and parameters as e3nn_Unet's ``voxel_convolution.Convolution``:
+    ``y = o3.Linear(irreps_in, irreps_out)(x) + conv3d(x, K)`` with
+    ``K = tp.right(Y(lattice), emb(|lattice|) @ weight / n_taps)``, the lattice holding every voxel
+    within ``diameter / 2`` (physical units, ``steps`` per axis). e3fast assembles one kernel with
+    the linear term in its centre tap, so a single ``conv3d`` does both.
+
+    Parameters: ``weight`` ``[num_radial_basis, tp.weight_numel]`` and ``sc.weight``, as in e3nn.
+    ``cutoff``: True / False / ``'left'`` / ``'right'`` (see :mod:`e3fast.radial_basis`).
+    ``padding`` (default ``kernel_size // 2`` per axis, 'same') is the only conv3d option.
+    """
+
+    def __init__(self, irreps_in, irreps_out, irreps_sh, diameter: float, num_radial_basis: int,
+                 steps=(1.0, 1.0, 1.0), cutoff=True, **kwargs):
+        super().__init__()
+        self.irreps_in = parse_irreps(irreps_in, "irreps_in")
+        self.irreps_out = parse_irreps(irreps_out, "irreps_out")
+        self.irreps_sh = parse_irreps(irreps_sh, "irreps_sh")
+        unsupported = set(kwargs) - {"padding"}
+        if unsupported:
+            raise TypeError(f"VoxelConvolution got unsupported conv3d options {sorted(unsupported)}")
+        if len(tuple(steps)) != 3 or min(steps) <= 0:
+            raise ValueError(f"steps must be 3 positive voxel sizes, got {steps!r}")
+        self.num_radial_basis = num_radial_basis
+        self.diameter, self.steps, self.cutoff = diameter, tuple(steps), cutoff
+
+        self.sc = Linear(self.irreps_in, self.irreps_out)
+        self.basis = voxel_convolution_basis(self.irreps_in, self.irreps_out, self.irreps_sh, diameter,
+                                             num_radial_basis, self.steps, cutoff)
+        self.padding = kwargs.get("padding", tuple(k // 2 for k in self.basis.kernel_size))
+        self.weight = torch.nn.Parameter(torch.randn(num_radial_basis, self.basis.radial_numel))
+
+    @property
+    def kernel_size(self) -> tuple[int, int, int]:
+        return self.basis.kernel_size
+
+    def kernel(self) -> torch.Tensor:
+        """The dense ``[irreps_out.dim, irreps_in.dim, kx, ky, kz]`` kernel, self-connection included."""
+        return assemble_kernel(self.weight, self.sc.weight, self.basis)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_voxel_input(x, self.irreps_in)
+        return F.conv3d(x, self.kernel().to(x.dtype), padding=self.padding)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        absorb_convolution_buffers(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"{self.irreps_in} -> {self.irreps_out}, sh={self.irreps_sh}, diameter={self.diameter}, "
+                f"steps={self.steps}, kernel_size={self.kernel_size}, num_radial_basis={self.num_radial_basis}")

@@ -1,0 +1,75 @@
+"""Build e3fast and its native extension ``e3fast._C``.
+
+The C++ CPU kernels (OpenMP) are always built. CUDA kernels under ``csrc/cuda`` are added when
+torch was built with CUDA and ``nvcc`` is found, unless switched off. Environment switches:
+
+* ``E3FAST_CUDA``: ``auto`` (default), ``1`` to require the CUDA build, ``0`` to skip it.
+* ``E3FAST_CUDA_ARCH``: target architectures for nvcc, e.g. ``"8.0;9.0"`` (default).
+* ``E3FAST_SKIP_EXTENSION=1``: install the pure-Python package only (reference backend).
+* ``MAX_JOBS``: parallel compile jobs (ninja), as for any torch extension.
+"""
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cuda_wanted(torch) -> bool:
+    switch = os.environ.get("E3FAST_CUDA", "auto").lower()
+    if switch in ("0", "false", "no", "off"):
+        return False
+    has_nvcc = shutil.which("nvcc") is not None or os.environ.get("CUDA_HOME") is not None
+    has_cuda_torch = torch.version.cuda is not None
+    if switch in ("1", "true", "yes", "on", "force"):
+        if not (has_nvcc and has_cuda_torch):
+            sys.exit("E3FAST_CUDA=1 but torch has no CUDA or nvcc is missing")
+        return True
+    return has_nvcc and has_cuda_torch
+
+
+def _extensions():
+    if os.environ.get("E3FAST_SKIP_EXTENSION", "0") == "1":
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    extra = dict(extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"],
+                 include_dirs=[os.path.join(ROOT, "csrc")])
+    if _cuda_wanted(torch):
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("E3FAST_CUDA_ARCH", "8.0;9.0"))
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        extra["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math",
+                                               "-DE3FAST_WITH_CUDA"]
+        extra["extra_compile_args"]["cxx"].append("-DE3FAST_WITH_CUDA")
+        ext = CUDAExtension("e3fast._C", sources, **extra)
+    else:
+        ext = CppExtension("e3fast._C", sources, **extra)
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="e3fast",
+    version="0.1.0",
+    description="Fused kernels for SO(3)/O(3)-steerable 3D voxel convolutions and the equivariant U-Net",
+    long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.9",
+    packages=find_packages(include=["e3fast", "e3fast.*"]),
+    install_requires=["torch>=2.4", "e3nn>=0.5.1", "numpy"],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        "triton": ["triton"],
+    },
+    entry_points={"console_scripts": ["e3fast=e3fast.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
