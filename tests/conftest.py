@@ -1,0 +1,51 @@
+"""Shared test configuration: seeds, tolerances and the list of backends to test."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import e3fast
+from e3fast.backends import backend_usable
+
+# The fast backends that can run here, per device type. The reference backend is the ground truth.
+FAST_BACKENDS = [name for name in ("cpu", "triton", "cuda") if backend_usable(name, "cpu")]
+CUDA_FAST_BACKENDS = [name for name in ("cuda", "triton") if backend_usable(name, "cuda")]
+
+# Relative tolerances per dtype for comparisons against a float64 (or same-dtype) reference.
+RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long-running test")
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``max|a - e| / max|e|`` in float64 (0 when both are empty or zero)."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    diff = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    return diff / scale if scale > 0 else diff
+
+
+def assert_relative(actual, expected, rtol: float, what: str = "") -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    error = relative_error(actual, expected)
+    assert error <= rtol, f"{what}: relative error {error:.3g} > {rtol:.1g}"
+
+
+def to_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """``"channels_first"`` (NCDHW contiguous) or ``"channels_last"`` (channels_last_3d)."""
+    fmt = torch.channels_last_3d if layout == "channels_last" else torch.contiguous_format
+    return x.contiguous(memory_format=fmt)
+
+
+LAYOUTS = ["channels_first", "channels_last"]
