@@ -38,13 +38,13 @@ def _extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard comes from torch (c++17 or c++20)
     extra = dict(extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"],
                  include_dirs=[os.path.join(ROOT, "csrc")])
     if _cuda_wanted(torch):
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("E3FAST_CUDA_ARCH", "8.0;9.0"))
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        extra["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math",
+        extra["extra_compile_args"]["nvcc"] = ["-O3", "--use_fast_math",
                                                "-DE3FAST_WITH_CUDA"]
         extra["extra_compile_args"]["cxx"].append("-DE3FAST_WITH_CUDA")
         ext = CUDAExtension("e3fast._C", sources, **extra)
