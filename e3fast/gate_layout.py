@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 from e3nn import o3
 from e3nn.math import normalize2mom
-from e3nn.nn import Gate
 
 from e3fast.irreps_layout import parse_irreps
 
@@ -78,10 +77,23 @@ def activation_scales() -> list[float]:
     return [activation_scale(name) for name in ACTIVATIONS]
 
 
-def _callables(acts) -> list:
-    """Activations as e3nn wants them: functions, ``None`` for the identity."""
-    names = [activation_name(act) for act in acts]
-    return [None if name == "identity" else ACTIVATIONS[name] for name in names]
+# Parity of each activation: 1 even, -1 odd, 0 neither (e3nn's Activation finds it numerically).
+ACTIVATION_PARITY = {"identity": -1, "relu": 0, "tanh": -1, "sigmoid": 0, "silu": 0, "abs": 1}
+
+
+def _activated_irreps(irreps: o3.Irreps, acts, what: str) -> o3.Irreps:
+    """Irreps after scalar activations, with e3nn's parity rule (odd input: the act's parity)."""
+    out = []
+    for (mul, ir), act in zip(irreps, acts):
+        name = activation_name(act)
+        parity = ir.p
+        if ir.p == -1 and name != "identity":
+            parity = ACTIVATION_PARITY[name]
+            if parity == 0:
+                raise ValueError(f"{what} {irreps}: activation {name!r} is neither even nor odd, so it "
+                                 f"cannot act on the odd scalars {mul}x{ir}")
+        out.append((mul, (0, parity)))
+    return o3.Irreps(out)
 
 
 def _channel_starts(irreps: o3.Irreps) -> list[int]:
@@ -127,9 +139,9 @@ def gate_layout(irreps_scalars, act_scalars, irreps_gates, act_gates, irreps_gat
     irreps_scalars = parse_irreps(irreps_scalars, "irreps_scalars")
     irreps_gates = parse_irreps(irreps_gates, "irreps_gates")
     irreps_gated = parse_irreps(irreps_gated, "irreps_gated")
-    if len(irreps_scalars) > 0 and irreps_scalars.lmax > 0:
+    if any(ir.l > 0 for _, ir in irreps_scalars):
         raise ValueError(f"irreps_scalars must be scalars, got {irreps_scalars}")
-    if len(irreps_gates) > 0 and irreps_gates.lmax > 0:
+    if any(ir.l > 0 for _, ir in irreps_gates):
         raise ValueError(f"irreps_gates must be scalars, got {irreps_gates}")
     if irreps_gates.num_irreps != irreps_gated.num_irreps:
         raise ValueError(
@@ -184,14 +196,27 @@ def gate_layout(irreps_scalars, act_scalars, irreps_gates, act_gates, irreps_gat
                 position += 1
             copy += 1
 
-    reference = Gate(irreps_scalars, _callables(act_scalars), irreps_gates, _callables(act_gates), irreps_gated)
-    if reference.irreps_out.dim != len(source):
-        raise AssertionError(f"gate layout mismatch: {reference.irreps_out} vs {len(source)} channels")
+    scalars_out = _activated_irreps(irreps_scalars, act_scalars, "irreps_scalars")
+    gates_out = _activated_irreps(irreps_gates, act_gates, "irreps_gates")
     return GateLayout(
-        irreps_in=reference.irreps_in,
-        irreps_out=reference.irreps_out,
+        irreps_in=sorted_irreps.simplify(),
+        irreps_out=scalars_out + _gated_irreps(irreps_gated, gates_out) if irreps_gates.dim > 0 else scalars_out,
         source=tuple(source),
         act=tuple(act),
         gate=tuple(gate),
         gate_act=tuple(gate_act),
     )
+
+
+def _gated_irreps(irreps_gated: o3.Irreps, gates: o3.Irreps) -> o3.Irreps:
+    """Output irreps of e3nn's ``ElementwiseTensorProduct(irreps_gated, gates)``: both simplified,
+    entries split so that they pair copy by copy, each pair giving ``ir_gated * ir_gate``."""
+    left, right = list(irreps_gated.simplify()), list(gates.simplify())
+    out = []
+    while left and right:
+        (mul_a, ir_a), (mul_b, ir_b) = left[0], right[0]
+        mul = min(mul_a, mul_b)
+        out.append((mul, (ir_a.l, ir_a.p * ir_b.p)))
+        left[0], right[0] = (mul_a - mul, ir_a), (mul_b - mul, ir_b)
+        left, right = [e for e in left if e[0] > 0], [e for e in right if e[0] > 0]
+    return o3.Irreps(out)

@@ -64,8 +64,22 @@ def tensor_product_paths(irreps_in, irreps_sh, irreps_out, sh: torch.Tensor, rad
     ``sh``: ``[taps, irreps_sh.dim]`` spherical harmonics, ``radial``: ``[taps, R]`` radial
     factors (embedding times normalization). Returns ``(rows, blocks, weight_numel)``.
     """
-    tp = o3.FullyConnectedTensorProduct(irreps_in, irreps_sh, irreps_out, shared_weights=False)
+    # Only the instructions are needed: skip e3nn's einsum-path optimization of the unused code.
+    tp = o3.FullyConnectedTensorProduct(irreps_in, irreps_sh, irreps_out, shared_weights=False,
+                                        _optimize_einsums=False)
     in_offsets, sh_offsets, out_offsets = _offsets(irreps_in), _offsets(irreps_sh), _offsets(irreps_out)
+    angular_cache: dict[tuple[int, int, int, int], torch.Tensor] = {}
+
+    def angular(l_in: int, l_sh: int, l_out: int, sh_start: int) -> torch.Tensor:
+        """``sum_m2 C[m1, m2, m3] Y[t, sh_start + m2]`` as ``[taps, m1, m3]``."""
+        key = (l_in, l_sh, l_out, sh_start)
+        if key not in angular_cache:
+            w3j = o3.wigner_3j(l_in, l_sh, l_out, dtype=torch.float64)  # [m1, m2, m3]
+            harmonics = sh[:, sh_start:sh_start + 2 * l_sh + 1]  # [taps, m2]
+            flat = harmonics @ w3j.transpose(0, 1).reshape(2 * l_sh + 1, -1)
+            angular_cache[key] = flat.reshape(-1, 2 * l_in + 1, 2 * l_out + 1)
+        return angular_cache[key]
+
     rows, blocks = [], []
     weight_offset = 0
     basis_offset = 0
@@ -77,15 +91,12 @@ def tensor_product_paths(irreps_in, irreps_sh, irreps_out, sh: torch.Tensor, rad
         if ins.connection_mode != "uvw" or not ins.has_weight:
             raise NotImplementedError(f"tensor product instruction {ins} is not a weighted 'uvw' path")
         if numel > 0 and ins.path_weight != 0:
-            w3j = o3.wigner_3j(ir_in.l, ir_sh.l, ir_out.l, dtype=torch.float64)
             for v in range(mul_sh):
                 start = sh_offsets[ins.i_in2] + v * ir_sh.dim
-                harmonics = sh[:, start:start + ir_sh.dim]  # [taps, m2]
-                angular = torch.einsum("abc,tb->tac", w3j, harmonics) * ins.path_weight
-                block = angular[..., None] * radial[:, None, None, :]  # [taps, m1, m3, R]
+                block = (angular(ir_in.l, ir_sh.l, ir_out.l, start) * ins.path_weight)[..., None] * radial[:, None, None, :]
                 rows.append((in_offsets[ins.i_in1], mul_in, ir_in.dim, out_offsets[ins.i_out], mul_out, ir_out.dim,
                              weight_offset + v * mul_out, mul_sh * mul_out, basis_offset))
-                blocks.append(block.reshape(-1))
+                blocks.append(block.reshape(-1))  # [taps, m1, m3, R]
                 basis_offset += block.numel()
         weight_offset += numel
     return rows, blocks, tp.weight_numel
@@ -93,7 +104,7 @@ def tensor_product_paths(irreps_in, irreps_sh, irreps_out, sh: torch.Tensor, rad
 
 def self_connection_rows(irreps_in, irreps_out):
     """Rows, scales and weight count of ``o3.Linear(irreps_in, irreps_out)`` (no biases)."""
-    linear = o3.Linear(irreps_in, irreps_out)
+    linear = o3.Linear(irreps_in, irreps_out, _optimize_einsums=False)
     in_offsets, out_offsets = _offsets(irreps_in), _offsets(irreps_out)
     rows, scales = [], []
     weight_offset = 0

@@ -95,6 +95,8 @@ def norm_gate_reference(x, spec: NormGateSpec, weight, bias, running_mean, runni
     normalized, means, variances = [], [], []
     start = scalar = field = 0
     for mul, ir in spec.irreps_in:
+        if mul == 0:
+            continue
         d = ir.dim
         values = flat[:, start:start + mul * d].reshape(batch, mul, d, -1)
         if mode != MODE_NONE:

@@ -64,6 +64,8 @@ def norm_max_pool3d_reference(x, irreps: o3.Irreps, kernel_size, stride) -> torc
     outputs = []
     start = 0
     for mul, ir in irreps:
+        if mul == 0:
+            continue
         d = ir.dim
         values = x[:, start:start + mul * d].reshape(batch, mul, d, *x.shape[2:])
         score = values[:, :, 0] if d == 1 else values.to(_opmath(values.dtype)).norm(dim=2)
