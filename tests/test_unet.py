@@ -129,12 +129,12 @@ def test_e3nn_pooling_bug_is_not_reproduced():
 
 
 def test_unet_channels_last_input_gives_same_output_in_same_format():
-    model = EquivariantUNet("1x0e", "3x0e", 5.0, 3, (1.0, 1.0, 1.0), n=1, n_downsample=2)
-    x = torch.randn(2, 1, 8, 12, 8)
+    model = EquivariantUNet("2x0e", "3x0e", 5.0, 3, (1.0, 1.0, 1.0), n=1, n_downsample=2)
+    x = torch.randn(2, 2, 8, 12, 8)  # two channels: with one, both memory formats are the same
     out = model(x)
     out_cl = model(x.contiguous(memory_format=torch.channels_last_3d))
     assert out.is_contiguous() and out_cl.is_contiguous(memory_format=torch.channels_last_3d)
     assert_relative(out_cl, out, 1e-5, "channels-last input")
-    slow = EquivariantUNet("1x0e", "3x0e", 5.0, 3, (1.0, 1.0, 1.0), n=1, n_downsample=2, channels_last=False)
+    slow = EquivariantUNet("2x0e", "3x0e", 5.0, 3, (1.0, 1.0, 1.0), n=1, n_downsample=2, channels_last=False)
     slow.load_state_dict(model.state_dict())
     assert_relative(slow(x), out, 1e-5, "channels-first network")
