@@ -6,6 +6,7 @@ pure-PyTorch reference backend and says so once.
 """
 from __future__ import annotations
 
+import importlib.util
 import warnings
 
 import torch
@@ -15,7 +16,7 @@ _LOAD_ERROR: str | None = None
 try:
     from e3fast import _C  # noqa: F401  (registers torch.ops.e3fast)
 except ImportError as error:  # pragma: no cover - depends on the install
-    _LOAD_ERROR = str(error)
+    _LOAD_ERROR = "it was not built" if importlib.util.find_spec("e3fast._C") is None else str(error)
 
 _WARNED = False
 
@@ -38,8 +39,7 @@ def warn_once_if_missing() -> None:
     if _LOAD_ERROR is not None and not _WARNED:
         _WARNED = True
         warnings.warn(
-            "e3fast: the compiled extension e3fast._C could not be loaded "
-            f"({_LOAD_ERROR}); using the pure-PyTorch reference backend. "
+            f"e3fast: the compiled extension e3fast._C is not available ({_LOAD_ERROR}); using the pure-PyTorch reference backend. "
             "Reinstall with `pip install --no-build-isolation -e .` to build it.",
             RuntimeWarning,
             stacklevel=3,

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from e3fast.e3nn_checkpoint import absorb_convolution_buffers
-from e3fast.irreps_layout import check_voxel_input, parse_irreps
+from e3fast.irreps_layout import check_same_device, check_voxel_input, parse_irreps
 from e3fast.nn.linear import Linear
 from e3fast.ops import assemble_kernel
 from e3fast.steerable_basis import voxel_convolution_basis
@@ -55,6 +55,7 @@ class VoxelConvolution(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_voxel_input(x, self.irreps_in)
+        check_same_device(input=x, weight=self.weight)
         return F.conv3d(x, self.kernel().to(x.dtype), padding=self.padding)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

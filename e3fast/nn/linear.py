@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from e3fast.e3nn_checkpoint import absorb_linear_buffers
-from e3fast.irreps_layout import check_voxel_input, parse_irreps
+from e3fast.irreps_layout import check_same_device, check_voxel_input, parse_irreps
 from e3fast.ops import assemble_kernel
 from e3fast.steerable_basis import SteerableKernelBasis
 
@@ -35,6 +35,7 @@ class Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_voxel_input(x, self.irreps_in)
+        check_same_device(input=x, weight=self.weight)
         return F.conv3d(x, self.kernel().to(x.dtype))
 
     def output_mask(self) -> torch.Tensor:
