@@ -26,6 +26,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -173,20 +174,42 @@ std::vector<std::vector<acc_t>> transposed_basis(const at::Tensor& basis, const 
 // Forward
 // ---------------------------------------------------------------------------------------------------------------
 
-// Adds the contributions of path row `row` to kernel row o = out_offset + w * d3 + m3 (accumulator `acc`).
+// target[j] += sum_{q < N} coefficients[q] * sources[q][j]: one pass over the target for N radial functions.
+template <int N, typename acc_t>
+void axpy_group(acc_t* target, const acc_t* coefficients, const acc_t* const* sources, int64_t length) {
+  for (int64_t j = 0; j < length; ++j) {
+    acc_t sum = target[j];
+    for (int q = 0; q < N; ++q) sum += coefficients[q] * sources[q][j];
+    target[j] = sum;
+  }
+}
+
+// target[j] += sum_r coefficients[r] * source[r * length + j], radial functions in groups of up to 4.
 template <typename acc_t>
-void add_path_to_row(acc_t* acc, const PathRow& row, const acc_t* basis_t, const acc_t* weight, int64_t w, int64_t m3,
-                     const Geometry& g) {
+void axpy_radial(acc_t* target, const acc_t* coefficients, const acc_t* source, int64_t num_radial, int64_t length) {
+  for (int64_t r = 0; r < num_radial; r += 4) {
+    const acc_t* sources[4] = {source + r * length, source + (r + 1) * length, source + (r + 2) * length,
+                               source + (r + 3) * length};
+    switch (std::min<int64_t>(4, num_radial - r)) {
+      case 4: axpy_group<4>(target, coefficients + r, sources, length); break;
+      case 3: axpy_group<3>(target, coefficients + r, sources, length); break;
+      case 2: axpy_group<2>(target, coefficients + r, sources, length); break;
+      default: axpy_group<1>(target, coefficients + r, sources, length); break;
+    }
+  }
+}
+
+// Adds the contributions of path row `row` to kernel row o = out_offset + w * d3 + m3 (accumulator `acc`).
+// `coefficients` is scratch space for num_radial values.
+template <typename acc_t>
+void add_path_to_row(acc_t* acc, acc_t* coefficients, const PathRow& row, const acc_t* basis_t, const acc_t* weight,
+                     int64_t w, int64_t m3, const Geometry& g) {
   const int64_t R = g.num_radial, span = row.in_dim * g.taps;
   const acc_t* basis_m3 = basis_t + m3 * R * span;
   for (int64_t u = 0; u < row.in_mul; ++u) {
-    acc_t* target = acc + (row.in_offset + u * row.in_dim) * g.taps;
     const int64_t column = row.weight_offset + u * row.weight_u_stride + w;
-    for (int64_t r = 0; r < R; ++r) {
-      const acc_t coefficient = weight[r * g.radial_numel + column];
-      const acc_t* source = basis_m3 + r * span;
-      for (int64_t j = 0; j < span; ++j) target[j] += coefficient * source[j];
-    }
+    for (int64_t r = 0; r < R; ++r) coefficients[r] = weight[r * g.radial_numel + column];
+    axpy_radial(acc + (row.in_offset + u * row.in_dim) * g.taps, coefficients, basis_m3, R, span);
   }
 }
 
@@ -215,14 +238,14 @@ void assemble_kernel_impl(at::Tensor& kernel, const at::Tensor& radial_weight, c
   const int64_t row_length = g.in_dim * g.taps;
 
   at::parallel_for(0, g.out_dim, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(row_length);
+    std::vector<acc_t> acc(row_length), coefficients(g.num_radial);
     for (int64_t o = begin; o < end; ++o) {
       std::fill(acc.begin(), acc.end(), acc_t(0));
       for (size_t p = 0; p < paths.size(); ++p) {
         const PathRow& row = paths[p];
         const int64_t local = o - row.out_offset;
         if (local < 0 || local >= row.out_mul * row.out_dim) continue;
-        add_path_to_row(acc.data(), row, basis_t[p].data(), weight_data, local / row.out_dim, local % row.out_dim, g);
+        add_path_to_row(acc.data(), coefficients.data(), row, basis_t[p].data(), weight_data, local / row.out_dim, local % row.out_dim, g);
       }
       for (const SelfConnectionRow& row : self_connections) {
         const int64_t local = o - row.out_offset;
@@ -267,6 +290,21 @@ at::Tensor assemble_kernel_cpu(const at::Tensor& radial_weight, const at::Tensor
 // Backward
 // ---------------------------------------------------------------------------------------------------------------
 
+// sum_j a[j] * b[j] with independent partial sums, so that the loop vectorizes without reassociation flags.
+template <typename scalar_t, typename acc_t>
+acc_t dot(const acc_t* a, const scalar_t* b, int64_t length) {
+  constexpr int64_t kLanes = 16;
+  acc_t lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= length; j += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += a[j + l] * static_cast<acc_t>(b[j + l]);
+  }
+  acc_t sum = 0;
+  for (int64_t l = 0; l < kLanes; ++l) sum += lanes[l];
+  for (; j < length; ++j) sum += a[j] * static_cast<acc_t>(b[j]);
+  return sum;
+}
+
 // grad_radial[:, column(u, w)] for one path row and one w, summed over m3.
 template <typename scalar_t, typename acc_t>
 void path_weight_gradient(acc_t* grad, const scalar_t* grad_kernel, const PathRow& row, const acc_t* basis_t,
@@ -274,17 +312,12 @@ void path_weight_gradient(acc_t* grad, const scalar_t* grad_kernel, const PathRo
   const int64_t R = g.num_radial, span = row.in_dim * g.taps, row_length = g.in_dim * g.taps;
   for (int64_t u = 0; u < row.in_mul; ++u) {
     const int64_t column = row.weight_offset + u * row.weight_u_stride + w;
-    for (int64_t r = 0; r < R; ++r) {
-      acc_t sum = 0;
-      for (int64_t m3 = 0; m3 < row.out_dim; ++m3) {
-        const scalar_t* source =
-            grad_kernel + (row.out_offset + w * row.out_dim + m3) * row_length + (row.in_offset + u * row.in_dim) * g.taps;
-        const acc_t* b = basis_t + (m3 * R + r) * span;
-        acc_t partial = 0;
-        for (int64_t j = 0; j < span; ++j) partial += b[j] * static_cast<acc_t>(source[j]);
-        sum += partial;
+    for (int64_t m3 = 0; m3 < row.out_dim; ++m3) {
+      const scalar_t* source =
+          grad_kernel + (row.out_offset + w * row.out_dim + m3) * row_length + (row.in_offset + u * row.in_dim) * g.taps;
+      for (int64_t r = 0; r < R; ++r) {
+        grad[r * g.radial_numel + column] += dot(basis_t + (m3 * R + r) * span, source, span);
       }
-      grad[r * g.radial_numel + column] = sum;
     }
   }
 }

@@ -9,13 +9,16 @@
 //              in torch's max pooling)
 //   y[b, start + m, o] = x[b, start + m, o * s + p*(o)],    argmax[b, f, o] = p*(o)
 //
-// Backward is a gather, so every input gradient is written once, race free, summed in opmath:
+// Backward (windows overlap when stride < kernel):
 //
 //   dx[b, start + m, n] = sum_{o : n in W(o), p*(o) = n - o * s} dy[b, start + m, o]
 //
-// Both passes read and write in place in NCDHW or channels_last_3d layout with one loop order
-// per layout: NCDHW is parallel over (b, field, output x) and walks voxels of one channel plane,
-// channels-last is parallel over (b, voxel) and walks the contiguous channels of each voxel.
+// Both passes work on z-lines of one field: forward on the output line (b, f, ox, oy, :), each
+// window position p for the whole line at once (branch free, it vectorizes along z); backward on
+// the input line (b, f, nx, ny, :), whose gradient one thread sums in opmath and writes once, so
+// there are no races. x, y, dy and dx are read and written in place, in NCDHW or channels_last_3d
+// layout; only the order of the lines differs: field-major for NCDHW (a line walks one channel
+// plane), field-minor for channels-last (the fields of a line share the same voxels in cache).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -40,7 +43,6 @@ struct Field {
 // Pooling geometry: input and output spatial sizes, window and stride per axis.
 struct PoolGeometry {
   Triple in, out, kernel, stride;
-  int64_t in_voxels() const { return in[0] * in[1] * in[2]; }
   int64_t out_voxels() const { return out[0] * out[1] * out[2]; }
   int64_t window() const { return kernel[0] * kernel[1] * kernel[2]; }
 };
@@ -128,108 +130,105 @@ std::vector<int64_t> window_offsets(const PoolGeometry& g, const Strides& s) {
   return offsets;
 }
 
-// Score of one field at one voxel; `values` points at channel `start`, components `channel_stride` apart.
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-inline acc_t field_score(const scalar_t* values, int64_t dim, int64_t channel_stride) {
-  if (dim == 1) return static_cast<acc_t>(values[0]);
-  acc_t sum = 0;
-  for (int64_t m = 0; m < dim; ++m) {
-    const acc_t v = static_cast<acc_t>(values[m * channel_stride]);
-    sum += v * v;
-  }
-  return std::sqrt(sum);
-}
+// One z-line of one field: line index -> (b, field, x, y) with fields outermost (NCDHW) or
+// innermost (channels-last), matching the memory order.
+struct LineIndex {
+  int64_t b, f, x, y;
+};
 
-template <typename acc_t>
-inline bool replaces_maximum(acc_t score, acc_t best) {
-  return score > best || std::isnan(score);
+LineIndex decompose_line(int64_t line, int64_t num_fields, int64_t size_x, int64_t size_y, bool channels_last) {
+  if (channels_last) {
+    const int64_t f = line % num_fields, rest = line / num_fields;
+    return {rest / (size_x * size_y), f, (rest / size_y) % size_x, rest % size_y};
+  }
+  const int64_t y = line % size_y, x = (line / size_y) % size_x, bf = line / (size_x * size_y);
+  return {bf / num_fields, bf % num_fields, x, y};
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------------------------
 
+// Per-thread buffers of one output line: the key (value or squared norm) at window position p and
+// the running maximum score and its position.
+template <typename acc_t>
+struct LineArgmax {
+  std::vector<acc_t> key, best;
+  std::vector<int32_t> position;
+  explicit LineArgmax(int64_t length) : key(length), best(length), position(length) {}
+
+  void reset() {
+    std::fill(best.begin(), best.end(), -std::numeric_limits<acc_t>::infinity());
+    std::fill(position.begin(), position.end(), 0);
+  }
+
+  // key[oz] for window position p; `values` points at the field's first channel at p for oz = 0.
+  template <typename scalar_t>
+  void load_keys(const scalar_t* values, int64_t dim, int64_t channel_stride, int64_t z_step) {
+    const int64_t length = key.size();
+    if (dim == 1) {
+      for (int64_t oz = 0; oz < length; ++oz) key[oz] = static_cast<acc_t>(values[oz * z_step]);
+      return;
+    }
+    std::fill(key.begin(), key.end(), acc_t(0));
+    for (int64_t m = 0; m < dim; ++m) {
+      const scalar_t* component = values + m * channel_stride;
+      for (int64_t oz = 0; oz < length; ++oz) {
+        const acc_t v = static_cast<acc_t>(component[oz * z_step]);
+        key[oz] += v * v;
+      }
+    }
+  }
+
+  void update(int64_t dim, int32_t p) {
+    const int64_t length = key.size();
+    for (int64_t oz = 0; oz < length; ++oz) {
+      const acc_t score = dim == 1 ? key[oz] : std::sqrt(key[oz]);
+      const bool wins = score > best[oz] || score != score;  // strict: the first maximum wins; NaN wins
+      best[oz] = wins ? score : best[oz];
+      position[oz] = wins ? p : position[oz];
+    }
+  }
+};
+
 template <typename scalar_t, typename index_t>
-void pool_channels_first(const at::Tensor& x, at::Tensor& y, at::Tensor& argmax, const std::vector<Field>& fields,
-                         const PoolGeometry& g) {
+void pool(const at::Tensor& x, at::Tensor& y, at::Tensor& argmax, const std::vector<Field>& fields,
+          const PoolGeometry& g, bool channels_last) {
   using acc_t = at::opmath_type<scalar_t>;
   const Strides xs(x), ys(y);
   const auto offsets = window_offsets(g, xs);
-  const int64_t num_fields = fields.size();
+  const int64_t num_fields = fields.size(), length = g.out[2], z_step = g.stride[2] * xs.spatial[2];
   const scalar_t* x_data = x.data_ptr<scalar_t>();
   scalar_t* y_data = y.data_ptr<scalar_t>();
   index_t* argmax_data = argmax.data_ptr<index_t>();
-  const int64_t rows = x.size(0) * num_fields * g.out[0];
+  const int64_t lines = x.size(0) * num_fields * g.out[0] * g.out[1];
 
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t ox = row % g.out[0], bf = row / g.out[0];
-      const int64_t f = bf % num_fields, b = bf / num_fields;
-      const Field field = fields[f];
-      const scalar_t* x_field = x_data + b * xs.batch + field.start * xs.channel;
-      scalar_t* y_field = y_data + b * ys.batch + field.start * ys.channel;
-      index_t* argmax_row = argmax_data + (bf * g.out[0] + ox) * g.out[1] * g.out[2];
-      for (int64_t oy = 0; oy < g.out[1]; ++oy) {
-        for (int64_t oz = 0; oz < g.out[2]; ++oz) {
-          const scalar_t* corner = x_field + xs.voxel(ox * g.stride[0], oy * g.stride[1], oz * g.stride[2]);
-          acc_t best = -std::numeric_limits<acc_t>::infinity();
-          int64_t best_p = 0;
-          for (int64_t p = 0; p < g.window(); ++p) {
-            const acc_t score = field_score<scalar_t>(corner + offsets[p], field.dim, xs.channel);
-            if (replaces_maximum(score, best)) {
-              best = score;
-              best_p = p;
-            }
-          }
-          const scalar_t* source = corner + offsets[best_p];
-          scalar_t* target = y_field + ys.voxel(ox, oy, oz);
-          for (int64_t m = 0; m < field.dim; ++m) target[m * ys.channel] = source[m * xs.channel];
-          argmax_row[oy * g.out[2] + oz] = static_cast<index_t>(best_p);
-        }
+  at::parallel_for(0, lines, 1, [&](int64_t begin, int64_t end) {
+    LineArgmax<acc_t> line_argmax(length);
+    for (int64_t line = begin; line < end; ++line) {
+      const LineIndex l = decompose_line(line, num_fields, g.out[0], g.out[1], channels_last);
+      const Field field = fields[l.f];
+      const scalar_t* corner = x_data + l.b * xs.batch + field.start * xs.channel +
+                               xs.voxel(l.x * g.stride[0], l.y * g.stride[1], 0);
+      line_argmax.reset();
+      for (int64_t p = 0; p < g.window(); ++p) {
+        line_argmax.load_keys(corner + offsets[p], field.dim, xs.channel, z_step);
+        line_argmax.update(field.dim, static_cast<int32_t>(p));
+      }
+      scalar_t* y_line = y_data + l.b * ys.batch + field.start * ys.channel + ys.voxel(l.x, l.y, 0);
+      index_t* argmax_line = argmax_data + (l.b * num_fields + l.f) * g.out_voxels() + (l.x * g.out[1] + l.y) * length;
+      for (int64_t oz = 0; oz < length; ++oz) {
+        const int32_t p = line_argmax.position[oz];
+        const scalar_t* source = corner + offsets[p] + oz * z_step;
+        for (int64_t m = 0; m < field.dim; ++m) y_line[m * ys.channel + oz * ys.spatial[2]] = source[m * xs.channel];
+        argmax_line[oz] = static_cast<index_t>(p);
       }
     }
   });
 }
 
-template <typename scalar_t, typename index_t>
-void pool_channels_last(const at::Tensor& x, at::Tensor& y, at::Tensor& argmax, const std::vector<Field>& fields,
-                        const PoolGeometry& g) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const Strides xs(x), ys(y);
-  const auto offsets = window_offsets(g, xs);
-  const int64_t num_fields = fields.size(), out_voxels = g.out_voxels();
-  const scalar_t* x_data = x.data_ptr<scalar_t>();
-  scalar_t* y_data = y.data_ptr<scalar_t>();
-  index_t* argmax_data = argmax.data_ptr<index_t>();
-
-  at::parallel_for(0, x.size(0) * out_voxels, 16, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> best(num_fields);
-    std::vector<int64_t> best_p(num_fields);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / out_voxels, o = item % out_voxels;
-      const int64_t oz = o % g.out[2], oy = (o / g.out[2]) % g.out[1], ox = o / (g.out[1] * g.out[2]);
-      const scalar_t* corner =
-          x_data + b * xs.batch + xs.voxel(ox * g.stride[0], oy * g.stride[1], oz * g.stride[2]);
-      std::fill(best.begin(), best.end(), -std::numeric_limits<acc_t>::infinity());
-      std::fill(best_p.begin(), best_p.end(), 0);
-      for (int64_t p = 0; p < g.window(); ++p) {
-        const scalar_t* voxel = corner + offsets[p];
-        for (int64_t f = 0; f < num_fields; ++f) {
-          const acc_t score = field_score<scalar_t>(voxel + fields[f].start, fields[f].dim, 1);
-          if (replaces_maximum(score, best[f])) {
-            best[f] = score;
-            best_p[f] = p;
-          }
-        }
-      }
-      scalar_t* target = y_data + b * ys.batch + ys.voxel(ox, oy, oz);
-      for (int64_t f = 0; f < num_fields; ++f) {
-        const scalar_t* source = corner + offsets[best_p[f]] + fields[f].start;
-        for (int64_t m = 0; m < fields[f].dim; ++m) target[fields[f].start + m] = source[m];
-        argmax_data[(b * num_fields + f) * out_voxels + o] = static_cast<index_t>(best_p[f]);
-      }
-    }
-  });
+at::MemoryFormat memory_format(bool channels_last) {
+  return channels_last ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::Contiguous;
 }
 
 std::tuple<at::Tensor, at::Tensor> norm_max_pool3d_cpu(const at::Tensor& x_in, const at::Tensor& fields_table,
@@ -240,18 +239,15 @@ std::tuple<at::Tensor, at::Tensor> norm_max_pool3d_cpu(const at::Tensor& x_in, c
   const PoolGeometry g = make_geometry(x.sizes().slice(2), kernel_size, stride);
   const bool channels_last = is_channels_last(x);
   auto y = at::empty({x.size(0), x.size(1), g.out[0], g.out[1], g.out[2]},
-                     x.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast3d
-                                                             : at::MemoryFormat::Contiguous));
+                     x.options().memory_format(memory_format(channels_last)));
   if (!covers_all_channels(fields, x.size(1))) y.zero_();  // channels outside every field are not pooled
   auto argmax = at::empty({x.size(0), static_cast<int64_t>(fields.size()), g.out[0], g.out[1], g.out[2]},
                           x.options().dtype(argmax_dtype(g)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "e3fast::norm_max_pool3d", [&] {
     if (argmax.scalar_type() == at::kByte) {
-      channels_last ? pool_channels_last<scalar_t, uint8_t>(x, y, argmax, fields, g)
-                    : pool_channels_first<scalar_t, uint8_t>(x, y, argmax, fields, g);
+      pool<scalar_t, uint8_t>(x, y, argmax, fields, g, channels_last);
     } else {
-      channels_last ? pool_channels_last<scalar_t, int32_t>(x, y, argmax, fields, g)
-                    : pool_channels_first<scalar_t, int32_t>(x, y, argmax, fields, g);
+      pool<scalar_t, int32_t>(x, y, argmax, fields, g, channels_last);
     }
   });
   return {y, argmax};
@@ -261,12 +257,12 @@ std::tuple<at::Tensor, at::Tensor> norm_max_pool3d_cpu(const at::Tensor& x_in, c
 // Backward
 // ---------------------------------------------------------------------------------------------------------------
 
-// Output voxels along one axis whose window contains input coordinate n: [first, last).
+// Output coordinates along one axis whose window contains input coordinate n: [first, last).
 struct WindowRange {
   int64_t first, last;
 };
 
-inline WindowRange windows_containing(int64_t n, int64_t kernel, int64_t stride, int64_t out) {
+WindowRange windows_containing(int64_t n, int64_t kernel, int64_t stride, int64_t out) {
   // o * stride <= n < o * stride + kernel  <=>  (n - kernel) / stride < o <= n / stride
   const int64_t low = n - kernel + 1;
   const int64_t first = low <= 0 ? 0 : (low + stride - 1) / stride;
@@ -274,91 +270,58 @@ inline WindowRange windows_containing(int64_t n, int64_t kernel, int64_t stride,
   return {first, std::max(first, last)};
 }
 
-// Output voxels o whose window covers input voxel (nx, ny, nz), with the position p of the voxel
-// in each window; `visit(o, p)` is called for each.
-template <typename Visit>
-inline void for_each_covering_window(const PoolGeometry& g, int64_t nx, int64_t ny, int64_t nz, Visit&& visit) {
-  const WindowRange rx = windows_containing(nx, g.kernel[0], g.stride[0], g.out[0]);
-  const WindowRange ry = windows_containing(ny, g.kernel[1], g.stride[1], g.out[1]);
-  const WindowRange rz = windows_containing(nz, g.kernel[2], g.stride[2], g.out[2]);
-  for (int64_t ox = rx.first; ox < rx.last; ++ox)
-    for (int64_t oy = ry.first; oy < ry.last; ++oy)
-      for (int64_t oz = rz.first; oz < rz.last; ++oz) {
-        const int64_t p = ((nx - ox * g.stride[0]) * g.kernel[1] + (ny - oy * g.stride[1])) * g.kernel[2] +
-                          (nz - oz * g.stride[2]);
-        visit((ox * g.out[1] + oy) * g.out[2] + oz, p);
-      }
-}
-
-template <typename scalar_t, typename index_t>
-void unpool_channels_first(const at::Tensor& grad_y, const at::Tensor& argmax, at::Tensor& grad_x,
-                           const std::vector<Field>& fields, const PoolGeometry& g) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const Strides gys(grad_y), gxs(grad_x);
-  const int64_t num_fields = fields.size(), out_voxels = g.out_voxels();
-  const scalar_t* gy_data = grad_y.data_ptr<scalar_t>();
-  const index_t* argmax_data = argmax.data_ptr<index_t>();
-  scalar_t* gx_data = grad_x.data_ptr<scalar_t>();
-  const int64_t rows = grad_x.size(0) * num_fields * g.in[0];
-
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> sum;
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t nx = row % g.in[0], bf = row / g.in[0];
-      const int64_t f = bf % num_fields, b = bf / num_fields;
-      const Field field = fields[f];
-      const index_t* argmax_field = argmax_data + bf * out_voxels;
-      const scalar_t* gy_field = gy_data + b * gys.batch + field.start * gys.channel;
-      scalar_t* gx_field = gx_data + b * gxs.batch + field.start * gxs.channel;
-      sum.resize(field.dim);
-      for (int64_t ny = 0; ny < g.in[1]; ++ny) {
-        for (int64_t nz = 0; nz < g.in[2]; ++nz) {
-          std::fill(sum.begin(), sum.end(), acc_t(0));
-          for_each_covering_window(g, nx, ny, nz, [&](int64_t o, int64_t p) {
-            if (static_cast<int64_t>(argmax_field[o]) != p) return;
-            const scalar_t* source = gy_field + gys.voxel(o / (g.out[1] * g.out[2]), (o / g.out[2]) % g.out[1],
-                                                          o % g.out[2]);
-            for (int64_t m = 0; m < field.dim; ++m) sum[m] += static_cast<acc_t>(source[m * gys.channel]);
-          });
-          scalar_t* target = gx_field + gxs.voxel(nx, ny, nz);
-          for (int64_t m = 0; m < field.dim; ++m) target[m * gxs.channel] = static_cast<scalar_t>(sum[m]);
-        }
-      }
+// Window position p decoded into its offsets (i, j, k) along x, y, z.
+struct WindowPositions {
+  std::vector<int64_t> i, j, k;
+  explicit WindowPositions(const PoolGeometry& g) {
+    for (int64_t p = 0; p < g.window(); ++p) {
+      i.push_back(p / (g.kernel[1] * g.kernel[2]));
+      j.push_back((p / g.kernel[2]) % g.kernel[1]);
+      k.push_back(p % g.kernel[2]);
     }
-  });
-}
+  }
+  int64_t size() const { return static_cast<int64_t>(i.size()); }
+};
 
 template <typename scalar_t, typename index_t>
-void unpool_channels_last(const at::Tensor& grad_y, const at::Tensor& argmax, at::Tensor& grad_x,
-                          const std::vector<Field>& fields, const PoolGeometry& g) {
+void unpool(const at::Tensor& grad_y, const at::Tensor& argmax, at::Tensor& grad_x, const std::vector<Field>& fields,
+            const PoolGeometry& g, bool channels_last) {
   using acc_t = at::opmath_type<scalar_t>;
   const Strides gys(grad_y), gxs(grad_x);
-  const int64_t num_fields = fields.size(), out_voxels = g.out_voxels(), in_voxels = g.in_voxels();
-  const int64_t channels = grad_x.size(1);
+  const WindowPositions positions(g);
+  const int64_t num_fields = fields.size(), length = g.in[2];
   const scalar_t* gy_data = grad_y.data_ptr<scalar_t>();
   const index_t* argmax_data = argmax.data_ptr<index_t>();
   scalar_t* gx_data = grad_x.data_ptr<scalar_t>();
+  const int64_t lines = grad_x.size(0) * num_fields * g.in[0] * g.in[1];
 
-  at::parallel_for(0, grad_x.size(0) * in_voxels, 16, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> sum(channels);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / in_voxels, n = item % in_voxels;
-      const int64_t nz = n % g.in[2], ny = (n / g.in[2]) % g.in[1], nx = n / (g.in[1] * g.in[2]);
-      std::fill(sum.begin(), sum.end(), acc_t(0));
-      const index_t* argmax_sample = argmax_data + b * num_fields * out_voxels;
-      const scalar_t* gy_sample = gy_data + b * gys.batch;
-      for_each_covering_window(g, nx, ny, nz, [&](int64_t o, int64_t p) {
-        const scalar_t* source =
-            gy_sample + gys.voxel(o / (g.out[1] * g.out[2]), (o / g.out[2]) % g.out[1], o % g.out[2]);
-        for (int64_t f = 0; f < num_fields; ++f) {
-          if (static_cast<int64_t>(argmax_sample[f * out_voxels + o]) != p) continue;
-          for (int64_t m = fields[f].start; m < fields[f].start + fields[f].dim; ++m) {
-            sum[m] += static_cast<acc_t>(source[m]);
+  at::parallel_for(0, lines, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sum;  // [m, nz]
+    for (int64_t line = begin; line < end; ++line) {
+      const LineIndex l = decompose_line(line, num_fields, g.in[0], g.in[1], channels_last);
+      const Field field = fields[l.f];
+      const scalar_t* gy_field = gy_data + l.b * gys.batch + field.start * gys.channel;
+      const index_t* argmax_field = argmax_data + (l.b * num_fields + l.f) * g.out_voxels();
+      sum.assign(field.dim * length, acc_t(0));
+      const WindowRange rx = windows_containing(l.x, g.kernel[0], g.stride[0], g.out[0]);
+      const WindowRange ry = windows_containing(l.y, g.kernel[1], g.stride[1], g.out[1]);
+      for (int64_t ox = rx.first; ox < rx.last; ++ox) {
+        for (int64_t oy = ry.first; oy < ry.last; ++oy) {
+          const int64_t i = l.x - ox * g.stride[0], j = l.y - oy * g.stride[1];
+          const index_t* argmax_line = argmax_field + (ox * g.out[1] + oy) * g.out[2];
+          for (int64_t oz = 0; oz < g.out[2]; ++oz) {
+            const int64_t p = argmax_line[oz];
+            if (p >= positions.size() || positions.i[p] != i || positions.j[p] != j) continue;
+            const int64_t nz = oz * g.stride[2] + positions.k[p];
+            const scalar_t* source = gy_field + gys.voxel(ox, oy, oz);
+            for (int64_t m = 0; m < field.dim; ++m) sum[m * length + nz] += static_cast<acc_t>(source[m * gys.channel]);
           }
         }
-      });
-      scalar_t* target = gx_data + b * gxs.batch + gxs.voxel(nx, ny, nz);
-      for (int64_t c = 0; c < channels; ++c) target[c] = static_cast<scalar_t>(sum[c]);
+      }
+      scalar_t* target = gx_data + l.b * gxs.batch + field.start * gxs.channel + gxs.voxel(l.x, l.y, 0);
+      for (int64_t m = 0; m < field.dim; ++m)
+        for (int64_t nz = 0; nz < length; ++nz)
+          target[m * gxs.channel + nz * gxs.spatial[2]] = static_cast<scalar_t>(sum[m * length + nz]);
     }
   });
 }
@@ -383,18 +346,14 @@ at::Tensor norm_max_pool3d_backward_cpu(const at::Tensor& grad_y_in, const at::T
   const auto argmax = argmax_in.contiguous();
   const bool channels_last = is_channels_last(grad_y);
   auto grad_x = at::empty({grad_y.size(0), grad_y.size(1), g.in[0], g.in[1], g.in[2]},
-                          grad_y.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast3d
-                                                                       : at::MemoryFormat::Contiguous));
+                          grad_y.options().memory_format(memory_format(channels_last)));
+  if (!covers_all_channels(fields, grad_x.size(1))) grad_x.zero_();  // channels outside every field get zero
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_y.scalar_type(), "e3fast::norm_max_pool3d_backward",
                                   [&] {
-    if (channels_last) {
-      // Writes every channel of every voxel (zero where no field or window reaches).
-      argmax.scalar_type() == at::kByte ? unpool_channels_last<scalar_t, uint8_t>(grad_y, argmax, grad_x, fields, g)
-                                        : unpool_channels_last<scalar_t, int32_t>(grad_y, argmax, grad_x, fields, g);
+    if (argmax.scalar_type() == at::kByte) {
+      unpool<scalar_t, uint8_t>(grad_y, argmax, grad_x, fields, g, channels_last);
     } else {
-      if (!covers_all_channels(fields, grad_x.size(1))) grad_x.zero_();  // channels outside every field get zero
-      argmax.scalar_type() == at::kByte ? unpool_channels_first<scalar_t, uint8_t>(grad_y, argmax, grad_x, fields, g)
-                                        : unpool_channels_first<scalar_t, int32_t>(grad_y, argmax, grad_x, fields, g);
+      unpool<scalar_t, int32_t>(grad_y, argmax, grad_x, fields, g, channels_last);
     }
   });
   return grad_x;
