@@ -146,6 +146,20 @@ int64_t num_taps(at::IntArrayRef kernel_size) {
   return kernel_size[0] * kernel_size[1] * kernel_size[2];
 }
 
+// Items per at::parallel_for chunk for about at::internal::GRAIN_SIZE operations per chunk: small
+// problems stay on the calling thread instead of waking (and waiting for) the thread pool.
+int64_t grain_size(int64_t total_work, int64_t items) {
+  const int64_t work_per_item = std::max<int64_t>(1, total_work / std::max<int64_t>(1, items));
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / work_per_item);
+}
+
+// Multiply-adds of all path rows: sum_p mul_in d1 mul_out d3 taps R.
+int64_t path_work(const std::vector<PathRow>& rows, const Geometry& g) {
+  int64_t work = 0;
+  for (const PathRow& r : rows) work += r.in_mul * r.in_dim * r.out_mul * r.out_dim * g.taps * g.num_radial;
+  return work;
+}
+
 // Basis blocks [taps, d1, d3, R] rearranged to [d3, R, d1, taps] in opmath precision, one per path row.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 std::vector<std::vector<acc_t>> transposed_basis(const at::Tensor& basis, const std::vector<PathRow>& rows,
@@ -153,7 +167,10 @@ std::vector<std::vector<acc_t>> transposed_basis(const at::Tensor& basis, const 
   const scalar_t* data = basis.data_ptr<scalar_t>();
   const int64_t R = g.num_radial, taps = g.taps;
   std::vector<std::vector<acc_t>> blocks(rows.size());
-  at::parallel_for(0, static_cast<int64_t>(rows.size()), 1, [&](int64_t begin, int64_t end) {
+  int64_t basis_numel = 0;
+  for (const PathRow& row : rows) basis_numel += taps * row.in_dim * row.out_dim * R;
+  const int64_t num_rows = rows.size();
+  at::parallel_for(0, num_rows, grain_size(basis_numel, num_rows), [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const PathRow& row = rows[p];
       const int64_t d1 = row.in_dim, d3 = row.out_dim;
@@ -237,7 +254,8 @@ void assemble_kernel_impl(at::Tensor& kernel, const at::Tensor& radial_weight, c
   scalar_t* out = kernel.data_ptr<scalar_t>();
   const int64_t row_length = g.in_dim * g.taps;
 
-  at::parallel_for(0, g.out_dim, 1, [&](int64_t begin, int64_t end) {
+  const int64_t work = path_work(paths, g) + g.out_dim * row_length;
+  at::parallel_for(0, g.out_dim, grain_size(work, g.out_dim), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(row_length), coefficients(g.num_radial);
     for (int64_t o = begin; o < end; ++o) {
       std::fill(acc.begin(), acc.end(), acc_t(0));
@@ -358,7 +376,8 @@ std::tuple<at::Tensor, at::Tensor> assemble_kernel_backward_impl(const at::Tenso
     for (int64_t w = 0; w < paths[p].out_mul; ++w) items.emplace_back(p, w);
   }
   acc_t* radial_data = grad_radial.data_ptr<acc_t>();
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+  const int64_t num_items = items.size();
+  at::parallel_for(0, num_items, grain_size(path_work(paths, g), num_items), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const auto [p, w] = items[i];
       path_weight_gradient(radial_data, grad_data, paths[p], basis_t[p].data(), w, g);

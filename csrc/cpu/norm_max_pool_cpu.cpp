@@ -25,6 +25,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
@@ -89,11 +90,22 @@ std::vector<Field> read_fields(const at::Tensor& fields, int64_t channels) {
   return result;
 }
 
-// Whether the (non-overlapping) fields cover every channel.
-bool covers_all_channels(const std::vector<Field>& fields, int64_t channels) {
+int64_t covered_channels(const std::vector<Field>& fields) {
   int64_t covered = 0;
   for (const Field& f : fields) covered += f.dim;
-  return covered == channels;
+  return covered;
+}
+
+// Whether the (non-overlapping) fields cover every channel.
+bool covers_all_channels(const std::vector<Field>& fields, int64_t channels) {
+  return covered_channels(fields) == channels;
+}
+
+// Items per at::parallel_for chunk for about at::internal::GRAIN_SIZE operations per chunk: small
+// problems stay on the calling thread instead of waking (and waiting for) the thread pool.
+int64_t grain_size(int64_t total_work, int64_t items) {
+  const int64_t work_per_item = std::max<int64_t>(1, total_work / std::max<int64_t>(1, items));
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / work_per_item);
 }
 
 bool is_channels_last(const at::Tensor& t) {
@@ -202,8 +214,9 @@ void pool(const at::Tensor& x, at::Tensor& y, at::Tensor& argmax, const std::vec
   scalar_t* y_data = y.data_ptr<scalar_t>();
   index_t* argmax_data = argmax.data_ptr<index_t>();
   const int64_t lines = x.size(0) * num_fields * g.out[0] * g.out[1];
+  const int64_t work = x.size(0) * covered_channels(fields) * g.out_voxels() * g.window();
 
-  at::parallel_for(0, lines, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, lines, grain_size(work, lines), [&](int64_t begin, int64_t end) {
     LineArgmax<acc_t> line_argmax(length);
     for (int64_t line = begin; line < end; ++line) {
       const LineIndex l = decompose_line(line, num_fields, g.out[0], g.out[1], channels_last);
@@ -294,8 +307,10 @@ void unpool(const at::Tensor& grad_y, const at::Tensor& argmax, at::Tensor& grad
   const index_t* argmax_data = argmax.data_ptr<index_t>();
   scalar_t* gx_data = grad_x.data_ptr<scalar_t>();
   const int64_t lines = grad_x.size(0) * num_fields * g.in[0] * g.in[1];
+  const int64_t work = grad_x.size(0) * (covered_channels(fields) * g.in[0] * g.in[1] * length +
+                                         num_fields * g.out_voxels() * g.window());
 
-  at::parallel_for(0, lines, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, lines, grain_size(work, lines), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> sum;  // [m, nz]
     for (int64_t line = begin; line < end; ++line) {
       const LineIndex l = decompose_line(line, num_fields, g.in[0], g.in[1], channels_last);
