@@ -75,9 +75,10 @@ def test_matches_reference(dtype, layout, geometry):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_bfloat16_close_to_float32_reference(layout):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_close_to_float32_reference(dtype, layout):
     kernel_size, stride = GEOMETRIES[2]
-    x = to_layout(torch.randn(SHAPE).bfloat16(), layout)
+    x = to_layout(torch.randn(SHAPE).to(dtype), layout)
     check_against_reference(x, IRREPS, kernel_size, stride, BF16_RTOL, torch.float32)
 
 
@@ -181,6 +182,15 @@ def test_other_strides_are_supported():
     base = torch.randn(2, IRREPS.dim, 9, 6, 10)
     x = base[:, :, ::2, :, 1:]  # neither NCDHW- nor channels-last-contiguous
     check_against_reference(x, IRREPS, (2, 2, 3), (2, 2, 3), RTOL[torch.float32])
+
+
+def test_expanded_grad_y():
+    # y.sum().backward() hands the backward an expanded (stride 0) gradient.
+    x = torch.randn(2, IRREPS.dim, 5, 4, 6, requires_grad=True)
+    with e3fast.use_backend("cpu"):
+        norm_max_pool3d(x, IRREPS, (3, 2, 3), (2, 2, 2)).sum().backward()
+    _, expected = pool_and_grad("reference", x, IRREPS, (3, 2, 3), (2, 2, 2), torch.ones(2, IRREPS.dim, 2, 2, 2))
+    assert_relative(x.grad, expected, RTOL[torch.float32], "grad x")
 
 
 def test_channels_outside_every_field_get_zero():
