@@ -19,7 +19,9 @@
 //   K[o, (i_p + u d1) * taps + j] += sum_r W[r, c_p + u s_p + w] Bt_p[m3, r, j],   j = m1 * taps + t.
 //
 // Forward is parallel over kernel rows o (each thread accumulates one row in opmath precision and
-// writes it once); backward is parallel over (p, w), which own distinct weight columns.
+// writes it once); backward is parallel over (p, w), which own distinct weight columns. The tables
+// are validated first: every row inside the kernel, the basis and the weights, and no weight column
+// claimed twice (which would make the backward race).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
