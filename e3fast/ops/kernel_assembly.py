@@ -27,6 +27,15 @@ def _opmath(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
+def _path_weights(radial_weight, offset: int, mul_in: int, mul_out: int, u_stride: int) -> torch.Tensor:
+    """Columns ``offset + u * u_stride + w`` of the radial weights as ``[R, mul_in, mul_out]`` (a view
+    when ``u_stride == mul_out``, i.e. one spherical harmonic per order)."""
+    columns = radial_weight.narrow(1, offset, (mul_in - 1) * u_stride + mul_out)
+    if u_stride != mul_out:
+        columns = torch.nn.functional.pad(columns, (0, u_stride - mul_out))
+    return columns.reshape(-1, mul_in, u_stride)[:, :, :mul_out]
+
+
 def assemble_kernel_reference(radial_weight: torch.Tensor, sc_weight: torch.Tensor,
                               basis: SteerableKernelBasis) -> torch.Tensor:
     """Pure-PyTorch kernel assembly; differentiable by autograd."""
@@ -38,8 +47,7 @@ def assemble_kernel_reference(radial_weight: torch.Tensor, sc_weight: torch.Tens
     for in_off, mul_in, dim_in, out_off, mul_out, dim_out, w_off, u_stride, b_off in basis.path_rows:
         block_basis = flat_basis[b_off:b_off + taps * dim_in * dim_out * num_radial]
         block_basis = block_basis.view(taps, dim_in, dim_out, num_radial)
-        index = w_off + torch.arange(mul_in)[:, None] * u_stride + torch.arange(mul_out)[None, :]
-        weights = radial_weight[:, index.to(radial_weight.device)]  # [R, u, w]
+        weights = _path_weights(radial_weight, w_off, mul_in, mul_out, u_stride)  # [R, u, w]
         block = torch.einsum("tabr,ruw->wbuat", block_basis, weights)
         kernel[out_off:out_off + mul_out * dim_out, in_off:in_off + mul_in * dim_in] += block.reshape(
             mul_out * dim_out, mul_in * dim_in, taps)

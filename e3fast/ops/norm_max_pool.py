@@ -64,7 +64,7 @@ def norm_max_pool3d_reference(x, irreps: o3.Irreps, kernel_size, stride) -> torc
     outputs = []
     start = 0
     for mul, ir in irreps:
-        if mul == 0:
+        if mul == 0:  # F.max_pool3d refuses inputs with zero channels
             continue
         d = ir.dim
         values = x[:, start:start + mul * d].reshape(batch, mul, d, *x.shape[2:])
@@ -75,6 +75,8 @@ def norm_max_pool3d_reference(x, irreps: o3.Irreps, kernel_size, stride) -> torc
         pooled = values.flatten(3).gather(3, index)
         outputs.append(pooled.reshape(batch, mul * d, *out_shape))
         start += mul * d
+    if not outputs:
+        return x.new_zeros(batch, 0, *pooled_size(x.shape[2:], kernel_size, stride))
     return torch.cat(outputs, dim=1)
 
 
