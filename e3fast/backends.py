@@ -14,7 +14,6 @@ replaced.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import importlib.util
 import os
 from typing import Iterator
@@ -31,7 +30,9 @@ _AUTOMATIC_ORDER = {
     "cuda": ("cuda", "triton", "reference"),
 }
 
-_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("e3fast_backend", default=None)
+# Plain module globals (not a ContextVar) so torch.compile can read them and guard on their values:
+# changing the backend recompiles. The choice is process wide, not per thread.
+_override: str | None = None
 _global_choice: str | None = None
 
 
@@ -47,6 +48,7 @@ def _triton_kernels_present() -> bool:
     return importlib.util.find_spec("e3fast.triton_kernels") is not None
 
 
+@torch.compiler.assume_constant_result
 def backend_usable(name: str, device_type: str) -> bool:
     """Whether backend ``name`` can run on tensors of ``device_type`` in this process."""
     if name == "reference":
@@ -85,19 +87,27 @@ def set_backend(name: str | None) -> None:
 @contextlib.contextmanager
 def use_backend(name: str | None) -> Iterator[None]:
     """Run the fused ops inside the block on backend ``name`` (``None``: automatic)."""
+    global _override
     if name is not None:
         _check_name(name)
-    token = _override.set(name)
+    previous, _override = _override, name
     try:
         yield
     finally:
-        _override.reset(token)
+        _override = previous
 
 
 def requested_backend() -> str | None:
     """The explicit choice in force, if any (context manager first, then ``set_backend``)."""
-    choice = _override.get()
-    return choice if choice is not None else _global_choice
+    return _override if _override is not None else _global_choice
+
+
+@torch.compiler.assume_constant_result
+def _has_kernel(backend: str, op_name: str, device_type: str) -> bool:
+    """Native backends: whether the extension registered ``e3fast::op_name`` for the device."""
+    if backend not in ("cpu", "cuda") or not native_extension.native_cpu_available():
+        return True
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"e3fast::{op_name}", device_type.upper())
 
 
 def select_backend(device: torch.device, op_name: str, implemented: tuple[str, ...]) -> str:
@@ -107,6 +117,7 @@ def select_backend(device: torch.device, op_name: str, implemented: tuple[str, .
     here raises ``ValueError``; the automatic choice falls back to the next usable backend.
     """
     device_type = torch.device(device).type
+    implemented = tuple(name for name in implemented if _has_kernel(name, op_name, device_type))
     choice = requested_backend()
     if choice is not None:
         if choice not in implemented:

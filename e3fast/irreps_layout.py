@@ -67,7 +67,31 @@ def field_table(irreps: o3.Irreps, irrep_normalization: str = "component") -> to
     return torch.tensor(rows, dtype=torch.int64).reshape(len(rows), len(FIELD_COLUMNS))
 
 
-def check_voxel_input(x: torch.Tensor, irreps: o3.Irreps, name: str = "input") -> None:
+@dataclass(frozen=True)
+class IrrepsChannels:
+    """What forward passes need to know about irreps, as plain Python values.
+
+    ``e3nn.o3.Irreps`` objects are tuple subclasses that ``torch.compile`` cannot guard on, so
+    modules keep one of these for use at run time.
+    """
+
+    text: str
+    dim: int
+    num_irreps: int
+    entries: tuple[tuple[int, int, bool], ...]  # (multiplicity, 2l+1, is an even scalar) per entry
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def irreps_channels(irreps) -> IrrepsChannels:
+    """The :class:`IrrepsChannels` of an irreps specification."""
+    irreps = parse_irreps(irreps)
+    return IrrepsChannels(str(irreps), irreps.dim, irreps.num_irreps,
+                          tuple((mul, ir.dim, ir.is_scalar()) for mul, ir in irreps))
+
+
+def check_voxel_input(x: torch.Tensor, irreps: IrrepsChannels, name: str = "input") -> None:
     """Raise a clear error unless ``x`` is a floating ``[batch, irreps.dim, x, y, z]`` tensor."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from e3nn import o3
 
-from e3fast.irreps_layout import check_voxel_input, parse_irreps
+from e3fast.irreps_layout import check_voxel_input, irreps_channels, parse_irreps
 from e3fast.nn import Dropout, Linear, NormGate, NormMaxPool3d, VoxelConvolution
 
 NORMALIZATIONS = {"instance": "instance", "batch": "batch", "None": "none"}
@@ -184,6 +184,7 @@ class EquivariantUNet(torch.nn.Module):
         super().__init__()
         self.input_irreps = parse_irreps(input_irreps, "input_irreps")
         self.output_irreps = parse_irreps(output_irreps, "output_irreps")
+        self.input_channels = irreps_channels(self.input_irreps)
         if batch_norm not in NORMALIZATIONS:
             raise ValueError(f"batch_norm must be one of {list(NORMALIZATIONS)}, got {batch_norm!r}")
         if down_op not in ("maxpool3d", "average"):
@@ -230,7 +231,7 @@ class EquivariantUNet(torch.nn.Module):
         return [(-size) % factor for size, factor in zip(spatial_shape, self.down.pooling_factor)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_voxel_input(x, self.input_irreps)
+        check_voxel_input(x, self.input_channels)
         input_format = torch.channels_last_3d if _is_channels_last(x) else torch.contiguous_format
         pad = self._padding(x.shape[-3:])
         x = F.pad(x, (pad[2], 0, pad[1], 0, pad[0], 0))

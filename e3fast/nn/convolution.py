@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from e3fast.e3nn_checkpoint import absorb_convolution_buffers
-from e3fast.irreps_layout import check_same_device, check_voxel_input, parse_irreps
+from e3fast.irreps_layout import check_same_device, check_voxel_input, irreps_channels, parse_irreps
 from e3fast.nn.linear import Linear
 from e3fast.ops import assemble_kernel
 from e3fast.steerable_basis import voxel_convolution_basis
@@ -31,6 +31,7 @@ class VoxelConvolution(torch.nn.Module):
         self.irreps_in = parse_irreps(irreps_in, "irreps_in")
         self.irreps_out = parse_irreps(irreps_out, "irreps_out")
         self.irreps_sh = parse_irreps(irreps_sh, "irreps_sh")
+        self.channels_in = irreps_channels(self.irreps_in)
         unsupported = set(kwargs) - {"padding"}
         if unsupported:
             raise TypeError(f"VoxelConvolution got unsupported conv3d options {sorted(unsupported)}")
@@ -54,7 +55,7 @@ class VoxelConvolution(torch.nn.Module):
         return assemble_kernel(self.weight, self.sc.weight, self.basis)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_voxel_input(x, self.irreps_in)
+        check_voxel_input(x, self.channels_in)
         check_same_device(input=x, weight=self.weight)
         return F.conv3d(x, self.kernel().to(x.dtype), padding=self.padding)
 

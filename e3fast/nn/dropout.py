@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from e3fast.irreps_layout import check_voxel_input, parse_irreps
+from e3fast.irreps_layout import check_voxel_input, irreps_channels, parse_irreps
 
 
 class Dropout(torch.nn.Module):
@@ -18,6 +18,7 @@ class Dropout(torch.nn.Module):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"dropout probability must be in [0, 1], got {p}")
         self.irreps = parse_irreps(irreps)
+        self.channels = irreps_channels(self.irreps)
         self.p = p
         dims = [ir.dim for mul, ir in self.irreps for _ in range(mul)]
         self.register_buffer("copy_of_channel", torch.repeat_interleave(
@@ -26,8 +27,8 @@ class Dropout(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        check_voxel_input(x, self.irreps)
-        keep = torch.full((x.shape[0], self.irreps.num_irreps), 1.0 - self.p, device=x.device, dtype=x.dtype)
+        check_voxel_input(x, self.channels)
+        keep = torch.full((x.shape[0], self.channels.num_irreps), 1.0 - self.p, device=x.device, dtype=x.dtype)
         mask = keep.bernoulli() / (1.0 - self.p) if self.p < 1.0 else torch.zeros_like(keep)
         return x * mask[:, self.copy_of_channel, None, None, None]
 

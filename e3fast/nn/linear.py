@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from e3fast.e3nn_checkpoint import absorb_linear_buffers
-from e3fast.irreps_layout import check_same_device, check_voxel_input, parse_irreps
+from e3fast.irreps_layout import check_same_device, check_voxel_input, irreps_channels, parse_irreps
 from e3fast.ops import assemble_kernel
 from e3fast.steerable_basis import SteerableKernelBasis
 
@@ -22,6 +22,7 @@ class Linear(torch.nn.Module):
         super().__init__()
         self.irreps_in = parse_irreps(irreps_in, "irreps_in")
         self.irreps_out = parse_irreps(irreps_out, "irreps_out")
+        self.channels_in = irreps_channels(self.irreps_in)
         self.basis = SteerableKernelBasis(self.irreps_in, self.irreps_out)
         self.weight = torch.nn.Parameter(torch.randn(self.basis.sc_numel))
 
@@ -34,7 +35,7 @@ class Linear(torch.nn.Module):
         return assemble_kernel(empty, self.weight, self.basis)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_voxel_input(x, self.irreps_in)
+        check_voxel_input(x, self.channels_in)
         check_same_device(input=x, weight=self.weight)
         return F.conv3d(x, self.kernel().to(x.dtype))
 

@@ -34,7 +34,7 @@ from e3nn import o3
 
 from e3fast import backends, native_extension
 from e3fast.gate_layout import ACTIVATIONS, GateLayout, activation_scales, gate_layout, identity_layout
-from e3fast.irreps_layout import check_same_device, check_voxel_input, field_table, irrep_fields
+from e3fast.irreps_layout import check_same_device, check_voxel_input, field_table, irrep_fields, irreps_channels
 
 IMPLEMENTED = ("reference", "cpu")
 
@@ -51,6 +51,8 @@ class NormGateSpec:
         self.irreps_in: o3.Irreps = layout.irreps_in
         self.irreps_out: o3.Irreps = layout.irreps_out
         self.irrep_normalization = irrep_normalization
+        self.channels_in = irreps_channels(self.irreps_in)
+        self.gate_is_identity = layout.is_identity
         self.fields = irrep_fields(self.irreps_in)
         self.num_fields = len(self.fields)
         self.num_scalars = sum(f.is_scalar for f in self.fields)
@@ -94,13 +96,12 @@ def norm_gate_reference(x, spec: NormGateSpec, weight, bias, running_mean, runni
     flat = x.to(dtype).reshape(batch, channels, -1)
     normalized, means, variances = [], [], []
     start = scalar = field = 0
-    for mul, ir in spec.irreps_in:
+    for mul, d, is_scalar in spec.channels_in.entries:
         if mul == 0:
             continue
-        d = ir.dim
         values = flat[:, start:start + mul * d].reshape(batch, mul, d, -1)
         if mode != MODE_NONE:
-            if ir.is_scalar():
+            if is_scalar:
                 if mode == MODE_INSTANCE:
                     mean = values.mean(dim=(2, 3))
                 elif mode == MODE_BATCH:
@@ -122,7 +123,7 @@ def norm_gate_reference(x, spec: NormGateSpec, weight, bias, running_mean, runni
             if weight is not None:
                 scale = scale * weight[field:field + mul].to(dtype)
             values = values * scale[:, :, None, None]
-            if bias is not None and ir.is_scalar():
+            if bias is not None and is_scalar:
                 values = values + bias[scalar - mul:scalar].to(dtype)[None, :, None, None]
         normalized.append(values.reshape(batch, mul * d, -1))
         start += mul * d
@@ -139,7 +140,7 @@ def norm_gate_reference(x, spec: NormGateSpec, weight, bias, running_mean, runni
 def _apply_gate(normalized: torch.Tensor, spec: NormGateSpec) -> torch.Tensor:
     """``act(x[source]) * gate_act(x[gate])`` per output channel (see gate_layout)."""
     layout = spec.layout
-    if layout.is_identity:
+    if spec.gate_is_identity:
         return normalized
     device = normalized.device
     source = torch.tensor(layout.source, device=device, dtype=torch.long)
@@ -201,7 +202,7 @@ def norm_gate(x: torch.Tensor, spec: NormGateSpec, weight: torch.Tensor | None =
     Channels-first and channels-last-3d inputs are both read in place; the output has the
     input's memory format. See the module docstring for the math.
     """
-    check_voxel_input(x, spec.irreps_in)
+    check_voxel_input(x, spec.channels_in)
     mode = _mode(normalization, training)
     _check_parameters(x, spec, weight, bias, running_mean, running_var, mode)
     backend = backends.select_backend(x.device, "norm_gate", IMPLEMENTED)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from e3nn import o3
 
 from e3fast import backends, native_extension
-from e3fast.irreps_layout import check_voxel_input, field_table, parse_irreps
+from e3fast.irreps_layout import IrrepsChannels, check_voxel_input, field_table, irreps_channels
 
 IMPLEMENTED = ("reference", "cpu")
 
@@ -58,15 +58,16 @@ def _field_table(irreps: str, device: torch.device) -> torch.Tensor:
     return field_table(o3.Irreps(irreps)).to(device)
 
 
-def norm_max_pool3d_reference(x, irreps: o3.Irreps, kernel_size, stride) -> torch.Tensor:
+def norm_max_pool3d_reference(x, irreps, kernel_size, stride) -> torch.Tensor:
     """Pure-PyTorch norm max pooling, per sample; differentiable by autograd."""
+    if not isinstance(irreps, IrrepsChannels):
+        irreps = irreps_channels(irreps)
     batch = x.shape[0]
     outputs = []
     start = 0
-    for mul, ir in irreps:
+    for mul, d, _ in irreps.entries:
         if mul == 0:  # F.max_pool3d refuses inputs with zero channels
             continue
-        d = ir.dim
         values = x[:, start:start + mul * d].reshape(batch, mul, d, *x.shape[2:])
         score = values[:, :, 0] if d == 1 else values.to(_opmath(values.dtype)).norm(dim=2)
         _, index = F.max_pool3d(score, kernel_size, stride, return_indices=True)  # [B, mul, ox, oy, oz]
@@ -81,8 +82,13 @@ def norm_max_pool3d_reference(x, irreps: o3.Irreps, kernel_size, stride) -> torc
 
 
 def norm_max_pool3d(x: torch.Tensor, irreps, kernel_size, stride=None) -> torch.Tensor:
-    """Norm-based max pooling of ``[B, irreps.dim, x, y, z]`` (see the module docstring)."""
-    irreps = parse_irreps(irreps)
+    """Norm-based max pooling of ``[B, irreps.dim, x, y, z]`` (see the module docstring).
+
+    ``irreps``: an irreps specification, or its :class:`~e3fast.irreps_layout.IrrepsChannels`
+    (what modules pass, so that ``torch.compile`` need not look at e3nn objects).
+    """
+    if not isinstance(irreps, IrrepsChannels):
+        irreps = irreps_channels(irreps)
     check_voxel_input(x, irreps)
     kernel_size = _triple(kernel_size, "kernel_size")
     stride = kernel_size if stride is None else _triple(stride, "stride")
@@ -91,7 +97,7 @@ def norm_max_pool3d(x: torch.Tensor, irreps, kernel_size, stride=None) -> torch.
     backend = backends.select_backend(x.device, "norm_max_pool3d", IMPLEMENTED)
     if backend == "reference":
         return norm_max_pool3d_reference(x, irreps, kernel_size, stride)
-    fields = _field_table(str(irreps), x.device)
+    fields = _field_table(irreps.text, x.device)
     y, _ = torch.ops.e3fast.norm_max_pool3d(x, fields, list(kernel_size), list(stride))
     return y
 
