@@ -1,0 +1,843 @@
+// CPU kernels of e3fast::norm_gate and e3fast::norm_gate_backward: equivariant normalization
+// fused with the gated nonlinearity (e3nn's BatchNorm then Gate), see e3fast/ops/norm_gate.py.
+//
+// x [B, C_in, X, Y, Z], N = X*Y*Z voxels, NCDHW or channels_last_3d (read in place).
+// Field f (table `fields`: start, dim d, scalar index s or -1, divisor delta) owns channels
+// [start, start + d). A statistics group is (b, f) in instance mode (Ng = N voxels) or f in
+// batch mode (Ng = B*N):
+//
+//   mu_f   = mean of x_f over the group        (even scalars, d = 1; else 0)
+//   var_f  = sum_{group, m} (x_{f,m} - mu_f)^2 / (Ng * delta_f)
+//   inv_f  = (var_f + eps)^(-1/2),  xhat = (x - mu_f) * inv_f,  z = gamma_f * xhat + beta_s
+//   y_c    = a(act_c) act_c(z[source_c]) * (gate_c >= 0 ? a(gact_c) gact_c(z[gate_c]) : 1)
+//
+// Running mode uses running_mean / running_var as mu / var; mode none uses z = x.
+//
+// Backward, with g_z = dL/dz (chain rule through the gate table), g = gamma * g_z:
+//
+//   d gamma_f = sum g_z * xhat (all groups),  d beta_s = sum g_z
+//   dx = inv * (g - [scalar] mean_group(g) - xhat * sum_group(g * xhat) / (Ng * delta))
+//        (instance, batch);  dx = inv * g (running);  dx = g_z (none)
+//
+// Work is split into tiles of T voxels of one sample. A tile of every channel is loaded into a
+// channel-major float buffer [C][T] whatever the memory layout, so the arithmetic loops are
+// contiguous and vectorise; per-chunk partial sums (double) are merged after the parallel loop.
+// Variances use sums shifted by one sample value per channel (stable for large offsets).
+// Forward: statistics pass + normalize/gate pass. Backward: reduction pass + gradient pass.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+namespace e3fast {
+namespace {
+
+constexpr int64_t kModeNone = 0;
+constexpr int64_t kModeInstance = 1;
+constexpr int64_t kModeBatch = 2;
+constexpr int64_t kModeRunning = 3;
+
+enum Activation : int64_t { kIdentity = 0, kRelu, kTanh, kSigmoid, kSilu, kAbs, kNumActivations };
+
+// Scratch floats per buffer row block: tiles hold about this many values of all channels.
+constexpr int64_t kTileValues = 8192;
+constexpr int64_t kTileAlign = 16;
+constexpr int64_t kMaxTile = 512;
+
+// ------------------------------------------------------------------------------------------
+// Tables
+// ------------------------------------------------------------------------------------------
+
+struct FieldTable {
+  std::vector<int64_t> start, dim, scalar_index, divisor;  // per field
+  std::vector<int64_t> field_of_channel;                  // per input channel
+  int64_t num_scalars = 0;
+
+  int64_t num_fields() const { return static_cast<int64_t>(start.size()); }
+  int64_t channels() const { return static_cast<int64_t>(field_of_channel.size()); }
+  bool is_scalar(int64_t f) const { return scalar_index[f] >= 0; }
+};
+
+struct GateTable {
+  std::vector<int64_t> source, act, gate_slot;  // per output channel; gate_slot -1: no gate
+  std::vector<int64_t> gate_channel, gate_act;  // per distinct (gate channel, gate act) pair
+  std::vector<double> scale;                    // per activation id
+
+  int64_t out_channels() const { return static_cast<int64_t>(source.size()); }
+  int64_t num_gates() const { return static_cast<int64_t>(gate_channel.size()); }
+};
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "e3fast::norm_gate (CPU kernel): ", name, " must be a CPU tensor, got ",
+              t.device());
+}
+
+void check_optional_vector(const std::optional<at::Tensor>& t, const char* name, int64_t size) {
+  if (!t.has_value()) return;
+  check_cpu(*t, name);
+  TORCH_CHECK(at::isFloatingType(t->scalar_type()), "e3fast::norm_gate: ", name,
+              " must be a floating point tensor, got ", t->scalar_type());
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == size, "e3fast::norm_gate: ", name, " must have shape [", size,
+              "], got ", t->sizes());
+}
+
+std::vector<int64_t> int64_rows(const at::Tensor& table, const char* name) {
+  check_cpu(table, name);
+  TORCH_CHECK(table.scalar_type() == at::kLong && table.dim() == 2 && table.size(1) == 4,
+              "e3fast::norm_gate: ", name, " must be an int64 tensor [rows, 4], got ", table.scalar_type(), " ",
+              table.sizes());
+  const at::Tensor rows = table.contiguous();
+  const int64_t* data = rows.data_ptr<int64_t>();
+  return std::vector<int64_t>(data, data + rows.numel());
+}
+
+FieldTable read_fields(const at::Tensor& fields, int64_t channels) {
+  const std::vector<int64_t> rows = int64_rows(fields, "fields");
+  FieldTable table;
+  int64_t next_channel = 0;
+  for (size_t row = 0; row < rows.size(); row += 4) {
+    const int64_t f = static_cast<int64_t>(row / 4);
+    const int64_t start = rows[row], dim = rows[row + 1], scalar = rows[row + 2], divisor = rows[row + 3];
+    TORCH_CHECK(start == next_channel && dim >= 1 && divisor >= 1, "e3fast::norm_gate: fields row ", f,
+                " = (", start, ", ", dim, ", ", scalar, ", ", divisor,
+                ") must continue the channel tiling at channel ", next_channel, " with dim >= 1 and divisor >= 1");
+    TORCH_CHECK(scalar == -1 || (scalar == table.num_scalars && dim == 1), "e3fast::norm_gate: fields row ", f,
+                " has scalar index ", scalar, "; expected -1 or ", table.num_scalars, " for a dim-1 field");
+    table.start.push_back(start);
+    table.dim.push_back(dim);
+    table.scalar_index.push_back(scalar);
+    table.divisor.push_back(divisor);
+    table.field_of_channel.insert(table.field_of_channel.end(), dim, f);
+    table.num_scalars += scalar >= 0;
+    next_channel += dim;
+  }
+  TORCH_CHECK(next_channel == channels, "e3fast::norm_gate: fields cover ", next_channel,
+              " channels but the input has ", channels);
+  return table;
+}
+
+GateTable read_gates(const at::Tensor& gates, c10::ArrayRef<double> act_scales, int64_t channels) {
+  TORCH_CHECK(static_cast<int64_t>(act_scales.size()) == kNumActivations, "e3fast::norm_gate: act_scales must have ",
+              kNumActivations, " entries (one per activation id), got ", act_scales.size());
+  const std::vector<int64_t> rows = int64_rows(gates, "gates");
+  GateTable table;
+  table.scale.assign(act_scales.begin(), act_scales.end());
+  std::map<std::pair<int64_t, int64_t>, int64_t> slots;
+  for (size_t row = 0; row < rows.size(); row += 4) {
+    const int64_t source = rows[row], act = rows[row + 1], gate = rows[row + 2], gate_act = rows[row + 3];
+    TORCH_CHECK(source >= 0 && source < channels && gate >= -1 && gate < channels && act >= 0 &&
+                    act < kNumActivations && gate_act >= 0 && gate_act < kNumActivations,
+                "e3fast::norm_gate: gates row ", row / 4, " = (", source, ", ", act, ", ", gate, ", ", gate_act,
+                ") is out of range for ", channels, " input channels and ", kNumActivations, " activations");
+    table.source.push_back(source);
+    table.act.push_back(act);
+    int64_t slot = -1;
+    if (gate >= 0) {
+      auto inserted = slots.emplace(std::make_pair(gate, gate_act), table.num_gates());
+      if (inserted.second) {
+        table.gate_channel.push_back(gate);
+        table.gate_act.push_back(gate_act);
+      }
+      slot = inserted.first->second;
+    }
+    table.gate_slot.push_back(slot);
+  }
+  return table;
+}
+
+// ------------------------------------------------------------------------------------------
+// Memory layout and tiling
+// ------------------------------------------------------------------------------------------
+
+bool is_channels_last(const at::Tensor& t) {
+  return t.is_contiguous(at::MemoryFormat::ChannelsLast3d) && !t.is_contiguous();
+}
+
+// `t` readable as NCDHW or channels_last_3d without a copy, when possible.
+at::Tensor dense_voxels(const at::Tensor& t) { return is_channels_last(t) ? t : t.contiguous(); }
+
+at::MemoryFormat memory_format_of(const at::Tensor& t) {
+  return is_channels_last(t) ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::Contiguous;
+}
+
+// A [batch, channels, voxels] tensor in one of the two dense layouts.
+template <typename T>
+struct Voxels {
+  T* data;
+  int64_t batch, channels, voxels;
+  bool channels_last;
+
+  T* sample(int64_t b) const { return data + b * channels * voxels; }
+  T& at(int64_t b, int64_t c, int64_t n) const {
+    return sample(b)[channels_last ? n * channels + c : c * voxels + n];
+  }
+};
+
+// `t` must be dense_voxels(...) already.
+template <typename T>
+Voxels<T> voxels_of(const at::Tensor& t) {
+  const int64_t batch = t.size(0), channels = t.size(1);
+  const int64_t voxels = t.size(2) * t.size(3) * t.size(4);
+  return {t.data_ptr<std::remove_const_t<T>>(), batch, channels, voxels, is_channels_last(t)};
+}
+
+// Copies voxels [n0, n0 + len) of sample b, all channels, into buffer[c * stride + n].
+template <typename scalar_t, typename opmath_t>
+void load_tile(const Voxels<const scalar_t>& src, int64_t b, int64_t n0, int64_t len, opmath_t* buffer,
+               int64_t stride) {
+  const scalar_t* sample = src.sample(b);
+  if (src.channels_last) {
+    for (int64_t n = 0; n < len; ++n) {
+      const scalar_t* voxel = sample + (n0 + n) * src.channels;
+      for (int64_t c = 0; c < src.channels; ++c) buffer[c * stride + n] = static_cast<opmath_t>(voxel[c]);
+    }
+  } else {
+    for (int64_t c = 0; c < src.channels; ++c) {
+      const scalar_t* row = sample + c * src.voxels + n0;
+      opmath_t* out = buffer + c * stride;
+      for (int64_t n = 0; n < len; ++n) out[n] = static_cast<opmath_t>(row[n]);
+    }
+  }
+}
+
+// The inverse of load_tile.
+template <typename scalar_t, typename opmath_t>
+void store_tile(const opmath_t* buffer, int64_t stride, const Voxels<scalar_t>& dst, int64_t b, int64_t n0,
+                int64_t len) {
+  scalar_t* sample = dst.sample(b);
+  if (dst.channels_last) {
+    for (int64_t n = 0; n < len; ++n) {
+      scalar_t* voxel = sample + (n0 + n) * dst.channels;
+      for (int64_t c = 0; c < dst.channels; ++c) voxel[c] = static_cast<scalar_t>(buffer[c * stride + n]);
+    }
+  } else {
+    for (int64_t c = 0; c < dst.channels; ++c) {
+      scalar_t* row = sample + c * dst.voxels + n0;
+      const opmath_t* in = buffer + c * stride;
+      for (int64_t n = 0; n < len; ++n) row[n] = static_cast<scalar_t>(in[n]);
+    }
+  }
+}
+
+struct Tile {
+  int64_t b, n0, len;
+};
+
+// Tiles of `size` voxels of one sample, grouped into contiguous chunks, one chunk per parallel
+// task. Each chunk owns its slot of partial sums, so results do not depend on scheduling.
+struct Tiling {
+  int64_t batch, voxels, size, tiles_per_sample, num_tiles, num_chunks;
+
+  Tiling(int64_t batch_, int64_t voxels_, int64_t widest_channels) : batch(batch_), voxels(voxels_) {
+    const int64_t fit = kTileValues / std::max<int64_t>(1, widest_channels) / kTileAlign * kTileAlign;
+    size = std::max<int64_t>(1, std::min({std::max(kTileAlign, fit), kMaxTile, voxels}));
+    tiles_per_sample = (voxels + size - 1) / size;
+    num_tiles = batch * tiles_per_sample;
+    num_chunks = std::min<int64_t>(num_tiles, at::get_num_threads());
+  }
+
+  int64_t first_tile(int64_t chunk) const { return chunk * num_tiles / num_chunks; }
+
+  Tile tile(int64_t t) const {
+    const int64_t b = t / tiles_per_sample, n0 = (t % tiles_per_sample) * size;
+    return {b, n0, std::min(size, voxels - n0)};
+  }
+
+  // f(chunk, first tile, end tile) for every chunk, in parallel.
+  template <typename F>
+  void for_each_chunk(const F& f) const {
+    at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t chunk = begin; chunk < end; ++chunk) f(chunk, first_tile(chunk), first_tile(chunk + 1));
+    });
+  }
+};
+
+// Element-wise sum of the per-chunk slices of `partial`.
+std::vector<double> merge_chunks(const std::vector<double>& partial, int64_t num_chunks, size_t slice) {
+  std::vector<double> total(slice, 0.0);
+  for (int64_t chunk = 0; chunk < num_chunks; ++chunk)
+    for (size_t i = 0; i < slice; ++i) total[i] += partial[chunk * slice + i];
+  return total;
+}
+
+// ------------------------------------------------------------------------------------------
+// Activations, one buffer row of `len` values at a time
+// ------------------------------------------------------------------------------------------
+
+template <typename T>
+inline T sigmoid(T v) {
+  return T(1) / (T(1) + std::exp(-v));
+}
+
+// out = scale * act(in)
+template <typename T>
+void activate(int64_t act, T scale, const T* in, T* out, int64_t len) {
+  switch (act) {
+    case kIdentity:
+      for (int64_t n = 0; n < len; ++n) out[n] = scale * in[n];
+      break;
+    case kRelu:
+      for (int64_t n = 0; n < len; ++n) out[n] = in[n] > T(0) ? scale * in[n] : T(0);
+      break;
+    case kTanh:
+      for (int64_t n = 0; n < len; ++n) out[n] = scale * std::tanh(in[n]);
+      break;
+    case kSigmoid:
+      for (int64_t n = 0; n < len; ++n) out[n] = scale * sigmoid(in[n]);
+      break;
+    case kSilu:
+      for (int64_t n = 0; n < len; ++n) out[n] = scale * in[n] * sigmoid(in[n]);
+      break;
+    case kAbs:
+      for (int64_t n = 0; n < len; ++n) out[n] = scale * std::abs(in[n]);
+      break;
+  }
+}
+
+// value = scale * act(in), derivative = scale * act'(in)
+template <typename T>
+void activate_with_derivative(int64_t act, T scale, const T* in, T* value, T* derivative, int64_t len) {
+  switch (act) {
+    case kIdentity:
+      for (int64_t n = 0; n < len; ++n) {
+        value[n] = scale * in[n];
+        derivative[n] = scale;
+      }
+      break;
+    case kRelu:
+      for (int64_t n = 0; n < len; ++n) {
+        const bool positive = in[n] > T(0);
+        value[n] = positive ? scale * in[n] : T(0);
+        derivative[n] = positive ? scale : T(0);
+      }
+      break;
+    case kTanh:
+      for (int64_t n = 0; n < len; ++n) {
+        const T t = std::tanh(in[n]);
+        value[n] = scale * t;
+        derivative[n] = scale * (T(1) - t * t);
+      }
+      break;
+    case kSigmoid:
+      for (int64_t n = 0; n < len; ++n) {
+        const T s = sigmoid(in[n]);
+        value[n] = scale * s;
+        derivative[n] = scale * s * (T(1) - s);
+      }
+      break;
+    case kSilu:
+      for (int64_t n = 0; n < len; ++n) {
+        const T s = sigmoid(in[n]);
+        value[n] = scale * in[n] * s;
+        derivative[n] = scale * s * (T(1) + in[n] * (T(1) - s));
+      }
+      break;
+    case kAbs:
+      for (int64_t n = 0; n < len; ++n) {
+        value[n] = scale * std::abs(in[n]);
+        derivative[n] = in[n] > T(0) ? scale : (in[n] < T(0) ? -scale : T(0));
+      }
+      break;
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Statistics and per-channel coefficients
+// ------------------------------------------------------------------------------------------
+
+int64_t num_groups(int64_t mode, int64_t batch) { return mode == kModeInstance ? batch : 1; }
+
+// Values per statistics group: N in instance mode, B*N in batch mode.
+int64_t group_size(int64_t mode, int64_t batch, int64_t voxels) {
+  return mode == kModeInstance ? voxels : batch * voxels;
+}
+
+// Per statistics group g and input channel c, at [g * C + c].
+template <typename opmath_t>
+struct ChannelCoefficients {
+  std::vector<opmath_t> mean, inv_std, gamma, beta;
+};
+
+std::vector<double> as_doubles(const at::Tensor& t) {
+  const at::Tensor values = t.to(at::kDouble).contiguous();
+  return std::vector<double>(values.data_ptr<double>(), values.data_ptr<double>() + values.numel());
+}
+
+// The identity (mode none) or the affine normalization of the statistics mean [G, S], var [G, F].
+template <typename opmath_t>
+ChannelCoefficients<opmath_t> channel_coefficients(const FieldTable& fields, int64_t mode, const at::Tensor& mean,
+                                                   const at::Tensor& var, const std::optional<at::Tensor>& weight,
+                                                   const std::optional<at::Tensor>& bias, double eps) {
+  const bool normalized = mode != kModeNone;
+  const int64_t channels = fields.channels(), groups = mean.size(0);
+  const std::vector<double> means = as_doubles(mean), vars = as_doubles(var);
+  const std::vector<double> gamma = weight ? as_doubles(*weight) : std::vector<double>(fields.num_fields(), 1.0);
+  const std::vector<double> beta = bias ? as_doubles(*bias) : std::vector<double>(fields.num_scalars, 0.0);
+  ChannelCoefficients<opmath_t> out;
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t c = 0; c < channels; ++c) {
+      const int64_t f = fields.field_of_channel[c], s = fields.scalar_index[f];
+      out.mean.push_back(normalized && s >= 0 ? means[g * fields.num_scalars + s] : 0.0);
+      out.inv_std.push_back(normalized ? 1.0 / std::sqrt(vars[g * fields.num_fields() + f] + eps) : 1.0);
+      out.gamma.push_back(normalized ? gamma[f] : 1.0);
+      out.beta.push_back(normalized && s >= 0 ? beta[s] : 0.0);
+    }
+  }
+  return out;
+}
+
+// rows[c] <- (rows[c] - mean_c) * inv_std_c, for the channels of statistics group g.
+template <typename opmath_t>
+void standardize_rows(const ChannelCoefficients<opmath_t>& k, int64_t g, int64_t channels, int64_t len,
+                      int64_t stride, opmath_t* rows) {
+  for (int64_t c = 0; c < channels; ++c) {
+    const opmath_t mean = k.mean[g * channels + c], inv_std = k.inv_std[g * channels + c];
+    opmath_t* row = rows + c * stride;
+    for (int64_t n = 0; n < len; ++n) row[n] = (row[n] - mean) * inv_std;
+  }
+}
+
+// z[c] <- gamma_c * xhat[c] + beta_c (z may be xhat).
+template <typename opmath_t>
+void affine_rows(const ChannelCoefficients<opmath_t>& k, int64_t g, int64_t channels, int64_t len, int64_t stride,
+                 const opmath_t* xhat, opmath_t* z) {
+  for (int64_t c = 0; c < channels; ++c) {
+    const opmath_t gamma = k.gamma[g * channels + c], beta = k.beta[g * channels + c];
+    const opmath_t* in = xhat + c * stride;
+    opmath_t* out = z + c * stride;
+    for (int64_t n = 0; n < len; ++n) out[n] = gamma * in[n] + beta;
+  }
+}
+
+// Per (group, channel): the value at the group's first voxel for even scalars, else 0. Sums of
+// x - shift and (x - shift)^2 then give the variance without cancellation for large means.
+template <typename scalar_t>
+std::vector<double> variance_shifts(const Voxels<const scalar_t>& x, const FieldTable& fields, int64_t groups) {
+  std::vector<double> shift(groups * x.channels, 0.0);
+  if (x.batch == 0 || x.voxels == 0) return shift;
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t c = 0; c < x.channels; ++c)
+      if (fields.is_scalar(fields.field_of_channel[c])) shift[g * x.channels + c] = static_cast<double>(x.at(g, c, 0));
+  return shift;
+}
+
+// Per (group, channel): sum (x - shift) and sum (x - shift)^2, at [(g * C + c) * 2 + {0, 1}].
+template <typename scalar_t, typename opmath_t>
+std::vector<double> shifted_moments(const Voxels<const scalar_t>& x, int64_t mode, int64_t groups,
+                                    const std::vector<double>& shift) {
+  const int64_t channels = x.channels;
+  const Tiling tiling(x.batch, x.voxels, channels);
+  const size_t slice = groups * channels * 2;
+  std::vector<double> partial(tiling.num_chunks * slice, 0.0);
+  tiling.for_each_chunk([&](int64_t chunk, int64_t first, int64_t end) {
+    std::vector<opmath_t> buffer(channels * tiling.size);
+    for (int64_t t = first; t < end; ++t) {
+      const Tile tile = tiling.tile(t);
+      load_tile(x, tile.b, tile.n0, tile.len, buffer.data(), tiling.size);
+      const int64_t g = mode == kModeInstance ? tile.b : 0;
+      double* sums = partial.data() + chunk * slice + g * channels * 2;
+      for (int64_t c = 0; c < channels; ++c) {
+        const opmath_t* row = buffer.data() + c * tiling.size;
+        const double k = shift[g * channels + c];
+        double s1 = 0.0, s2 = 0.0;
+#pragma omp simd reduction(+ : s1, s2)
+        for (int64_t n = 0; n < tile.len; ++n) {
+          const double d = static_cast<double>(row[n]) - k;
+          s1 += d;
+          s2 += d * d;
+        }
+        sums[2 * c] += s1;
+        sums[2 * c + 1] += s2;
+      }
+    }
+  });
+  return merge_chunks(partial, tiling.num_chunks, slice);
+}
+
+// mean [G, S] and var [G, F] of x (instance or batch mode), written in stat_t.
+template <typename scalar_t, typename opmath_t>
+void compute_statistics(const Voxels<const scalar_t>& x, const FieldTable& fields, int64_t mode, at::Tensor& mean,
+                        at::Tensor& var) {
+  const int64_t groups = mean.size(0), channels = x.channels;
+  const double count = static_cast<double>(group_size(mode, x.batch, x.voxels));
+  const std::vector<double> shift = variance_shifts(x, fields, groups);
+  const std::vector<double> sums = shifted_moments<scalar_t, opmath_t>(x, mode, groups, shift);
+  opmath_t* mean_out = mean.data_ptr<opmath_t>();
+  opmath_t* var_out = var.data_ptr<opmath_t>();
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t f = 0; f < fields.num_fields(); ++f) {
+      const int64_t first = g * channels + fields.start[f];
+      const double denominator = count * static_cast<double>(fields.divisor[f]);
+      double squares = 0.0;
+      for (int64_t m = 0; m < fields.dim[f]; ++m) squares += sums[2 * (first + m) + 1];
+      if (fields.is_scalar(f)) {
+        const double offset = sums[2 * first] / count;
+        mean_out[g * fields.num_scalars + fields.scalar_index[f]] = static_cast<opmath_t>(shift[first] + offset);
+        squares -= sums[2 * first] * offset;
+      }
+      var_out[g * fields.num_fields() + f] = static_cast<opmath_t>(std::max(0.0, squares / denominator));
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Gate, forward and backward, on a tile of buffer rows [channel][stride]
+// ------------------------------------------------------------------------------------------
+
+// y[c] = a act_c(z[source_c]) * (a' gact_c(z[gate_c]) or 1); gate_factor: [num_gates][stride] scratch.
+template <typename opmath_t>
+void gate_tile(const GateTable& gates, const opmath_t* z, opmath_t* gate_factor, opmath_t* y, int64_t len,
+               int64_t stride) {
+  for (int64_t k = 0; k < gates.num_gates(); ++k) {
+    const int64_t act = gates.gate_act[k];
+    activate<opmath_t>(act, gates.scale[act], z + gates.gate_channel[k] * stride, gate_factor + k * stride, len);
+  }
+  for (int64_t c = 0; c < gates.out_channels(); ++c) {
+    const int64_t act = gates.act[c], slot = gates.gate_slot[c];
+    opmath_t* out = y + c * stride;
+    activate<opmath_t>(act, gates.scale[act], z + gates.source[c] * stride, out, len);
+    if (slot < 0) continue;
+    const opmath_t* factor = gate_factor + slot * stride;
+    for (int64_t n = 0; n < len; ++n) out[n] *= factor[n];
+  }
+}
+
+template <typename opmath_t>
+struct GateBackwardScratch {
+  std::vector<opmath_t> gate_value, gate_derivative, value, derivative;
+
+  GateBackwardScratch(const GateTable& gates, int64_t stride)
+      : gate_value(gates.num_gates() * stride),
+        gate_derivative(gates.num_gates() * stride),
+        value(stride),
+        derivative(stride) {}
+};
+
+// grad_z [C_in][stride] = dL/dz from grad_y [C_out][stride] through the gate table.
+template <typename opmath_t>
+void gate_backward_tile(const GateTable& gates, int64_t channels, const opmath_t* z, const opmath_t* grad_y,
+                        opmath_t* grad_z, GateBackwardScratch<opmath_t>& scratch, int64_t len, int64_t stride) {
+  for (int64_t c = 0; c < channels; ++c) std::fill_n(grad_z + c * stride, len, opmath_t(0));
+  for (int64_t k = 0; k < gates.num_gates(); ++k) {
+    const int64_t act = gates.gate_act[k];
+    activate_with_derivative<opmath_t>(act, gates.scale[act], z + gates.gate_channel[k] * stride,
+                                       scratch.gate_value.data() + k * stride,
+                                       scratch.gate_derivative.data() + k * stride, len);
+  }
+  opmath_t* value = scratch.value.data();
+  opmath_t* derivative = scratch.derivative.data();
+  for (int64_t c = 0; c < gates.out_channels(); ++c) {
+    const int64_t act = gates.act[c], slot = gates.gate_slot[c];
+    const opmath_t* gy = grad_y + c * stride;
+    opmath_t* grad_source = grad_z + gates.source[c] * stride;
+    activate_with_derivative<opmath_t>(act, gates.scale[act], z + gates.source[c] * stride, value, derivative, len);
+    if (slot < 0) {
+      for (int64_t n = 0; n < len; ++n) grad_source[n] += gy[n] * derivative[n];
+      continue;
+    }
+    const opmath_t* gate_value = scratch.gate_value.data() + slot * stride;
+    const opmath_t* gate_derivative = scratch.gate_derivative.data() + slot * stride;
+    opmath_t* grad_gate = grad_z + gates.gate_channel[slot] * stride;
+    for (int64_t n = 0; n < len; ++n) {
+      grad_source[n] += gy[n] * derivative[n] * gate_value[n];
+      grad_gate[n] += gy[n] * value[n] * gate_derivative[n];
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Forward
+// ------------------------------------------------------------------------------------------
+
+template <typename scalar_t, typename opmath_t>
+void normalize_and_gate(const Voxels<const scalar_t>& x, const GateTable& gates, int64_t mode,
+                        const ChannelCoefficients<opmath_t>& k, const Voxels<scalar_t>& y) {
+  const int64_t channels = x.channels;
+  const Tiling tiling(x.batch, x.voxels, std::max(channels, gates.out_channels()));
+  const int64_t stride = tiling.size;
+  tiling.for_each_chunk([&](int64_t, int64_t first, int64_t end) {
+    std::vector<opmath_t> z(channels * stride), factor(gates.num_gates() * stride), out(y.channels * stride);
+    for (int64_t t = first; t < end; ++t) {
+      const Tile tile = tiling.tile(t);
+      const int64_t g = mode == kModeInstance ? tile.b : 0;
+      load_tile(x, tile.b, tile.n0, tile.len, z.data(), stride);
+      standardize_rows(k, g, channels, tile.len, stride, z.data());
+      affine_rows(k, g, channels, tile.len, stride, z.data(), z.data());
+      gate_tile(gates, z.data(), factor.data(), out.data(), tile.len, stride);
+      store_tile(out.data(), stride, y, tile.b, tile.n0, tile.len);
+    }
+  });
+}
+
+void check_input(const at::Tensor& x, const char* name) {
+  check_cpu(x, name);
+  TORCH_CHECK(x.dim() == 5, "e3fast::norm_gate: ", name, " must be [batch, channels, x, y, z], got shape ",
+              x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "e3fast::norm_gate: ", name,
+              " must be float64, float32, bfloat16 or float16, got ", x.scalar_type());
+}
+
+void check_mode(int64_t mode) {
+  TORCH_CHECK(mode >= kModeNone && mode <= kModeRunning, "e3fast::norm_gate: mode must be 0 (none), 1 (instance), ",
+              "2 (batch) or 3 (running statistics), got ", mode);
+}
+
+std::vector<int64_t> output_shape(const at::Tensor& x, int64_t out_channels) {
+  return {x.size(0), out_channels, x.size(2), x.size(3), x.size(4)};
+}
+
+// The statistics the op returns: fresh [G, S] and [G, F] tensors, filled unless mode is batch or
+// instance (computed from x by the caller).
+std::pair<at::Tensor, at::Tensor> allocate_statistics(const at::Tensor& x, const FieldTable& fields, int64_t mode,
+                                                      const std::optional<at::Tensor>& running_mean,
+                                                      const std::optional<at::Tensor>& running_var) {
+  const auto options = x.options().dtype(at::toOpMathType(x.scalar_type()));
+  const int64_t groups = num_groups(mode, x.size(0));
+  if (mode == kModeNone) return {at::empty({1, 0}, options), at::empty({1, 0}, options)};
+  if (mode == kModeRunning) {
+    return {running_mean->to(options.dtype(), false, true).reshape({1, fields.num_scalars}),
+            running_var->to(options.dtype(), false, true).reshape({1, fields.num_fields()})};
+  }
+  return {at::empty({groups, fields.num_scalars}, options), at::empty({groups, fields.num_fields()}, options)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_gate_cpu(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const at::Tensor& fields_table, const at::Tensor& gates_table, c10::ArrayRef<double> act_scales,
+    int64_t num_scalars, int64_t mode, double eps) {
+  check_input(input, "x");
+  check_mode(mode);
+  const FieldTable fields = read_fields(fields_table, input.size(1));
+  const GateTable gates = read_gates(gates_table, act_scales, input.size(1));
+  TORCH_CHECK(num_scalars == fields.num_scalars, "e3fast::norm_gate: num_scalars is ", num_scalars,
+              " but the fields table has ", fields.num_scalars, " scalar fields");
+  check_optional_vector(weight, "weight", fields.num_fields());
+  check_optional_vector(bias, "bias", fields.num_scalars);
+  check_optional_vector(running_mean, "running_mean", fields.num_scalars);
+  check_optional_vector(running_var, "running_var", fields.num_fields());
+  TORCH_CHECK(mode != kModeNone || (!weight && !bias), "e3fast::norm_gate: mode 0 (none) takes no weight or bias");
+  TORCH_CHECK(mode != kModeRunning || (running_mean && running_var),
+              "e3fast::norm_gate: mode 3 (running statistics) needs running_mean and running_var");
+
+  const at::Tensor x = dense_voxels(input);
+  at::Tensor y = at::empty(output_shape(x, gates.out_channels()), x.options().memory_format(memory_format_of(x)));
+  auto [mean, var] = allocate_statistics(x, fields, mode, running_mean, running_var);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "e3fast::norm_gate", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const Voxels<const scalar_t> xv = voxels_of<const scalar_t>(x);
+    if (mode == kModeInstance || mode == kModeBatch) compute_statistics<scalar_t, opmath_t>(xv, fields, mode, mean, var);
+    const auto k = channel_coefficients<opmath_t>(fields, mode, mean, var, weight, bias, eps);
+    normalize_and_gate<scalar_t, opmath_t>(xv, gates, mode, k, voxels_of<scalar_t>(y));
+  });
+  return {y, mean, var};
+}
+
+// ------------------------------------------------------------------------------------------
+// Backward
+// ------------------------------------------------------------------------------------------
+
+// grad_x[c] = k1 * g_z + k2 * xhat + k3 per (group, channel).
+template <typename opmath_t>
+struct GradientCoefficients {
+  std::vector<opmath_t> k1, k2, k3;
+};
+
+// Which parts of the backward tile loop run.
+struct BackwardPass {
+  bool accumulate;  // sum g_z and g_z * xhat per (group, channel)
+  bool write;       // write grad_x
+};
+
+// One pass over the tiles: recompute xhat, z and g_z; reduce and/or write grad_x. Returns the
+// sums [(g * C + c) * 2 + {0: g_z, 1: g_z * xhat}] when accumulating.
+template <typename scalar_t, typename opmath_t>
+std::vector<double> backward_pass(const Voxels<const scalar_t>& x, const Voxels<const scalar_t>& grad_y,
+                                  const GateTable& gates, int64_t mode, const ChannelCoefficients<opmath_t>& k,
+                                  const GradientCoefficients<opmath_t>& gk, BackwardPass pass,
+                                  const Voxels<scalar_t>& grad_x) {
+  const int64_t channels = x.channels, groups = num_groups(mode, x.batch);
+  const Tiling tiling(x.batch, x.voxels, std::max(channels, gates.out_channels()));
+  const int64_t stride = tiling.size;
+  const size_t slice = pass.accumulate ? groups * channels * 2 : 0;
+  std::vector<double> partial(tiling.num_chunks * slice, 0.0);
+  tiling.for_each_chunk([&](int64_t chunk, int64_t first, int64_t end) {
+    std::vector<opmath_t> xhat(channels * stride), z(channels * stride), gz(channels * stride);
+    std::vector<opmath_t> gy(gates.out_channels() * stride);
+    GateBackwardScratch<opmath_t> scratch(gates, stride);
+    for (int64_t t = first; t < end; ++t) {
+      const Tile tile = tiling.tile(t);
+      const int64_t g = mode == kModeInstance ? tile.b : 0, len = tile.len;
+      load_tile(x, tile.b, tile.n0, len, xhat.data(), stride);
+      standardize_rows(k, g, channels, len, stride, xhat.data());
+      affine_rows(k, g, channels, len, stride, xhat.data(), z.data());
+      load_tile(grad_y, tile.b, tile.n0, len, gy.data(), stride);
+      gate_backward_tile(gates, channels, z.data(), gy.data(), gz.data(), scratch, len, stride);
+      for (int64_t c = 0; c < channels && pass.accumulate; ++c) {
+        const opmath_t* grad_row = gz.data() + c * stride;
+        const opmath_t* xhat_row = xhat.data() + c * stride;
+        double sum_grad = 0.0, sum_grad_xhat = 0.0;
+#pragma omp simd reduction(+ : sum_grad, sum_grad_xhat)
+        for (int64_t n = 0; n < len; ++n) {
+          sum_grad += static_cast<double>(grad_row[n]);
+          sum_grad_xhat += static_cast<double>(grad_row[n]) * static_cast<double>(xhat_row[n]);
+        }
+        double* sums = partial.data() + chunk * slice + (g * channels + c) * 2;
+        sums[0] += sum_grad;
+        sums[1] += sum_grad_xhat;
+      }
+      if (!pass.write) continue;
+      for (int64_t c = 0; c < channels; ++c) {
+        const int64_t i = g * channels + c;
+        const opmath_t k1 = gk.k1[i], k2 = gk.k2[i], k3 = gk.k3[i];
+        opmath_t* grad_row = gz.data() + c * stride;
+        const opmath_t* xhat_row = xhat.data() + c * stride;
+        for (int64_t n = 0; n < len; ++n) grad_row[n] = k1 * grad_row[n] + k2 * xhat_row[n] + k3;
+      }
+      store_tile(gz.data(), stride, grad_x, tile.b, tile.n0, len);
+    }
+  });
+  return merge_chunks(partial, tiling.num_chunks, slice);
+}
+
+// Per (group, field) sums of g_z and g_z * xhat from the per-channel sums.
+std::vector<double> field_sums(const std::vector<double>& channel_sums, const FieldTable& fields, int64_t groups) {
+  std::vector<double> sums(groups * fields.num_fields() * 2, 0.0);
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t c = 0; c < fields.channels(); ++c) {
+      const int64_t f = fields.field_of_channel[c];
+      sums[(g * fields.num_fields() + f) * 2] += channel_sums[(g * fields.channels() + c) * 2];
+      sums[(g * fields.num_fields() + f) * 2 + 1] += channel_sums[(g * fields.channels() + c) * 2 + 1];
+    }
+  return sums;
+}
+
+// grad_x = inv * gamma * (g_z - [scalar] sum(g_z) / Ng - xhat * sum(g_z xhat) / (Ng delta)) with
+// the batch statistics (instance, batch) or grad_x = inv * gamma * g_z (running, none).
+template <typename opmath_t>
+GradientCoefficients<opmath_t> gradient_coefficients(const FieldTable& fields, const ChannelCoefficients<opmath_t>& k,
+                                                     int64_t mode, int64_t groups, double count,
+                                                     const std::vector<double>& sums) {
+  const bool batch_statistics = mode == kModeInstance || mode == kModeBatch;
+  GradientCoefficients<opmath_t> gk;
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t c = 0; c < fields.channels(); ++c) {
+      const int64_t f = fields.field_of_channel[c], i = g * fields.channels() + c;
+      const double k1 = static_cast<double>(k.inv_std[i]) * static_cast<double>(k.gamma[i]);
+      double k2 = 0.0, k3 = 0.0;
+      if (batch_statistics) {
+        const double* field = sums.data() + (g * fields.num_fields() + f) * 2;
+        k2 = -k1 * field[1] / (count * static_cast<double>(fields.divisor[f]));
+        k3 = fields.is_scalar(f) ? -k1 * field[0] / count : 0.0;
+      }
+      gk.k1.push_back(static_cast<opmath_t>(k1));
+      gk.k2.push_back(static_cast<opmath_t>(k2));
+      gk.k3.push_back(static_cast<opmath_t>(k3));
+    }
+  }
+  return gk;
+}
+
+// grad_weight [F] = sum over groups of sum(g_z xhat); grad_bias [S] = sum over groups of sum(g_z).
+template <typename opmath_t>
+void parameter_gradients(const std::vector<double>& sums, const FieldTable& fields, int64_t groups,
+                         at::Tensor& grad_weight, at::Tensor& grad_bias) {
+  opmath_t* weight_out = grad_weight.data_ptr<opmath_t>();
+  opmath_t* bias_out = grad_bias.data_ptr<opmath_t>();
+  for (int64_t f = 0; f < fields.num_fields(); ++f) {
+    double grad = 0.0, grad_xhat = 0.0;
+    for (int64_t g = 0; g < groups; ++g) {
+      grad += sums[(g * fields.num_fields() + f) * 2];
+      grad_xhat += sums[(g * fields.num_fields() + f) * 2 + 1];
+    }
+    weight_out[f] = static_cast<opmath_t>(grad_xhat);
+    if (fields.is_scalar(f)) bias_out[fields.scalar_index[f]] = static_cast<opmath_t>(grad);
+  }
+}
+
+template <typename scalar_t, typename opmath_t>
+void norm_gate_backward_kernel(const Voxels<const scalar_t>& x, const Voxels<const scalar_t>& grad_y,
+                               const FieldTable& fields, const GateTable& gates, int64_t mode,
+                               const ChannelCoefficients<opmath_t>& k, const Voxels<scalar_t>& grad_x,
+                               at::Tensor& grad_weight, at::Tensor& grad_bias) {
+  const int64_t groups = num_groups(mode, x.batch);
+  const double count = static_cast<double>(group_size(mode, x.batch, x.voxels));
+  const GradientCoefficients<opmath_t> none;
+  std::vector<double> sums;
+  if (mode == kModeInstance || mode == kModeBatch) {
+    sums = field_sums(backward_pass(x, grad_y, gates, mode, k, none, {true, false}, grad_x), fields, groups);
+    const auto gk = gradient_coefficients(fields, k, mode, groups, count, sums);
+    backward_pass(x, grad_y, gates, mode, k, gk, {false, true}, grad_x);
+  } else {
+    const auto gk = gradient_coefficients(fields, k, mode, groups, count, sums);
+    const bool running = mode == kModeRunning;
+    sums = field_sums(backward_pass(x, grad_y, gates, mode, k, gk, {running, true}, grad_x), fields,
+                      running ? groups : 0);
+  }
+  if (mode != kModeNone) parameter_gradients<opmath_t>(sums, fields, groups, grad_weight, grad_bias);
+}
+
+void check_statistics(const at::Tensor& mean, const at::Tensor& var, const FieldTable& fields, int64_t mode,
+                      int64_t batch) {
+  check_cpu(mean, "mean");
+  check_cpu(var, "var");
+  const int64_t groups = num_groups(mode, batch);
+  const int64_t scalars = mode == kModeNone ? 0 : fields.num_scalars;
+  const int64_t num_fields = mode == kModeNone ? 0 : fields.num_fields();
+  TORCH_CHECK(mean.dim() == 2 && mean.size(0) == groups && mean.size(1) == scalars && var.dim() == 2 &&
+                  var.size(0) == groups && var.size(1) == num_fields,
+              "e3fast::norm_gate_backward: mode ", mode, " expects mean [", groups, ", ", scalars, "] and var [",
+              groups, ", ", num_fields, "], got ", mean.sizes(), " and ", var.sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_gate_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var,
+    const at::Tensor& fields_table, const at::Tensor& gates_table, c10::ArrayRef<double> act_scales, int64_t mode,
+    double eps) {
+  check_input(input, "x");
+  check_input(grad_output, "grad_y");
+  check_mode(mode);
+  const FieldTable fields = read_fields(fields_table, input.size(1));
+  const GateTable gates = read_gates(gates_table, act_scales, input.size(1));
+  check_optional_vector(weight, "weight", fields.num_fields());
+  check_optional_vector(bias, "bias", fields.num_scalars);
+  check_statistics(mean, var, fields, mode, input.size(0));
+  TORCH_CHECK(mode != kModeNone || (!weight && !bias), "e3fast::norm_gate_backward: mode 0 (none) takes no weight or bias");
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(output_shape(input, gates.out_channels())),
+              "e3fast::norm_gate_backward: grad_y must have shape ", at::IntArrayRef(output_shape(input, gates.out_channels())),
+              ", got ", grad_output.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), "e3fast::norm_gate_backward: grad_y has dtype ",
+              grad_output.scalar_type(), " but x has ", input.scalar_type());
+
+  const at::Tensor x = dense_voxels(input), grad_y = dense_voxels(grad_output);
+  at::Tensor grad_x = at::empty(x.sizes(), x.options().memory_format(memory_format_of(x)));
+  const auto stats_options = x.options().dtype(at::toOpMathType(x.scalar_type()));
+  at::Tensor grad_weight = at::zeros({fields.num_fields()}, stats_options);
+  at::Tensor grad_bias = at::zeros({mean.size(1)}, stats_options);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "e3fast::norm_gate_backward", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const auto k = channel_coefficients<opmath_t>(fields, mode, mean, var, weight, bias, eps);
+    norm_gate_backward_kernel<scalar_t, opmath_t>(voxels_of<const scalar_t>(x), voxels_of<const scalar_t>(grad_y),
+                                                  fields, gates, mode, k, voxels_of<scalar_t>(grad_x), grad_weight,
+                                                  grad_bias);
+  });
+  return {grad_x, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(e3fast, CPU, m) {
+  m.impl("norm_gate", &norm_gate_cpu);
+  m.impl("norm_gate_backward", &norm_gate_backward_cpu);
+}
+
+}  // namespace e3fast
