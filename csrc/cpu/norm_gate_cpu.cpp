@@ -31,6 +31,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
+#include <cstdint>
 #include <cmath>
 #include <map>
 #include <tuple>
@@ -137,6 +139,7 @@ GateTable read_gates(const at::Tensor& gates, c10::ArrayRef<double> act_scales, 
                     act < kNumActivations && gate_act >= 0 && gate_act < kNumActivations,
                 "e3fast::norm_gate: gates row ", row / 4, " = (", source, ", ", act, ", ", gate, ", ", gate_act,
                 ") is out of range for ", channels, " input channels and ", kNumActivations, " activations");
+    TORCH_CHECK(gate != source, "e3fast::norm_gate: gates row ", row / 4, " gates channel ", source, " by itself");
     table.source.push_back(source);
     table.act.push_back(act);
     int64_t slot = -1;
@@ -272,80 +275,119 @@ std::vector<double> merge_chunks(const std::vector<double>& partial, int64_t num
 // Activations, one buffer row of `len` values at a time
 // ------------------------------------------------------------------------------------------
 
+// exp and tanh in float written so that loops over them vectorise (range reduction and
+// polynomials after Cephes' expf / tanhf, about 1 ulp); double uses libm.
+inline float exp_of(float v) {
+  v = std::min(std::max(v, -87.0f), 88.0f);
+  const float k = (v * 1.44269504089f + 12582912.0f) - 12582912.0f;  // round(v / ln 2)
+  const float r = (v - k * 0.693359375f) + k * 2.12194440e-4f;         // v - k ln 2
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float two_to_k = std::bit_cast<float>((static_cast<int32_t>(k) + 127) << 23);
+  return (p * r * r + r + 1.0f) * two_to_k;
+}
+
+inline double exp_of(double v) { return std::exp(v); }
+
+inline float tanh_of(float v) {
+  const float e = exp_of(-2.0f * std::abs(v));
+  const float large = std::copysign((1.0f - e) / (1.0f + e), v);
+  const float z = v * v;
+  float p = -5.70498872745e-3f;
+  p = p * z + 2.06390887954e-2f;
+  p = p * z - 5.37397155531e-2f;
+  p = p * z + 1.33314422036e-1f;
+  p = p * z - 3.33332819422e-1f;
+  const float small = p * z * v + v;
+  return std::abs(v) < 0.625f ? small : large;
+}
+
+inline double tanh_of(double v) { return std::tanh(v); }
+
 template <typename T>
 inline T sigmoid(T v) {
-  return T(1) / (T(1) + std::exp(-v));
+  return T(1) / (T(1) + exp_of(-v));
 }
 
-// out = scale * act(in)
-template <typename T>
-void activate(int64_t act, T scale, const T* in, T* out, int64_t len) {
-  switch (act) {
-    case kIdentity:
-      for (int64_t n = 0; n < len; ++n) out[n] = scale * in[n];
-      break;
-    case kRelu:
-      for (int64_t n = 0; n < len; ++n) out[n] = in[n] > T(0) ? scale * in[n] : T(0);
-      break;
-    case kTanh:
-      for (int64_t n = 0; n < len; ++n) out[n] = scale * std::tanh(in[n]);
-      break;
-    case kSigmoid:
-      for (int64_t n = 0; n < len; ++n) out[n] = scale * sigmoid(in[n]);
-      break;
-    case kSilu:
-      for (int64_t n = 0; n < len; ++n) out[n] = scale * in[n] * sigmoid(in[n]);
-      break;
-    case kAbs:
-      for (int64_t n = 0; n < len; ++n) out[n] = scale * std::abs(in[n]);
-      break;
+// The activations, element-wise: value(v) and value(v, derivative). Branch-free selects only,
+// so that loops over them vectorise.
+struct IdentityAct {
+  template <typename T>
+  static T value(T v) { return v; }
+  template <typename T>
+  static T value(T v, T& derivative) {
+    derivative = T(1);
+    return v;
   }
-}
+};
 
-// value = scale * act(in), derivative = scale * act'(in)
-template <typename T>
-void activate_with_derivative(int64_t act, T scale, const T* in, T* value, T* derivative, int64_t len) {
+struct ReluAct {
+  template <typename T>
+  static T value(T v) { return v > T(0) ? v : T(0); }
+  template <typename T>
+  static T value(T v, T& derivative) {
+    derivative = v > T(0) ? T(1) : T(0);
+    return value(v);
+  }
+};
+
+struct TanhAct {
+  template <typename T>
+  static T value(T v) { return tanh_of(v); }
+  template <typename T>
+  static T value(T v, T& derivative) {
+    const T t = tanh_of(v);
+    derivative = T(1) - t * t;
+    return t;
+  }
+};
+
+struct SigmoidAct {
+  template <typename T>
+  static T value(T v) { return sigmoid(v); }
+  template <typename T>
+  static T value(T v, T& derivative) {
+    const T s = sigmoid(v);
+    derivative = s * (T(1) - s);
+    return s;
+  }
+};
+
+struct SiluAct {
+  template <typename T>
+  static T value(T v) { return v * sigmoid(v); }
+  template <typename T>
+  static T value(T v, T& derivative) {
+    const T s = sigmoid(v);
+    derivative = s * (T(1) + v * (T(1) - s));
+    return v * s;
+  }
+};
+
+struct AbsAct {
+  template <typename T>
+  static T value(T v) { return std::abs(v); }
+  template <typename T>
+  static T value(T v, T& derivative) {
+    derivative = v > T(0) ? T(1) : (v < T(0) ? T(-1) : T(0));
+    return std::abs(v);
+  }
+};
+
+// f(Act{}) with the activation struct of id `act`.
+template <typename F>
+void with_activation(int64_t act, const F& f) {
   switch (act) {
-    case kIdentity:
-      for (int64_t n = 0; n < len; ++n) {
-        value[n] = scale * in[n];
-        derivative[n] = scale;
-      }
-      break;
-    case kRelu:
-      for (int64_t n = 0; n < len; ++n) {
-        const bool positive = in[n] > T(0);
-        value[n] = positive ? scale * in[n] : T(0);
-        derivative[n] = positive ? scale : T(0);
-      }
-      break;
-    case kTanh:
-      for (int64_t n = 0; n < len; ++n) {
-        const T t = std::tanh(in[n]);
-        value[n] = scale * t;
-        derivative[n] = scale * (T(1) - t * t);
-      }
-      break;
-    case kSigmoid:
-      for (int64_t n = 0; n < len; ++n) {
-        const T s = sigmoid(in[n]);
-        value[n] = scale * s;
-        derivative[n] = scale * s * (T(1) - s);
-      }
-      break;
-    case kSilu:
-      for (int64_t n = 0; n < len; ++n) {
-        const T s = sigmoid(in[n]);
-        value[n] = scale * in[n] * s;
-        derivative[n] = scale * s * (T(1) + in[n] * (T(1) - s));
-      }
-      break;
-    case kAbs:
-      for (int64_t n = 0; n < len; ++n) {
-        value[n] = scale * std::abs(in[n]);
-        derivative[n] = in[n] > T(0) ? scale : (in[n] < T(0) ? -scale : T(0));
-      }
-      break;
+    case kIdentity: return f(IdentityAct{});
+    case kRelu: return f(ReluAct{});
+    case kTanh: return f(TanhAct{});
+    case kSigmoid: return f(SigmoidAct{});
+    case kSilu: return f(SiluAct{});
+    case kAbs: return f(AbsAct{});
   }
 }
 
@@ -492,64 +534,102 @@ void compute_statistics(const Voxels<const scalar_t>& x, const FieldTable& field
 // Gate, forward and backward, on a tile of buffer rows [channel][stride]
 // ------------------------------------------------------------------------------------------
 
+// Row kernels. Distinct rows never alias (read_gates rejects a channel gating itself).
+
+// out = scale * act(in) [* factor]
+template <typename Act, typename T>
+void activation_row(T scale, const T* __restrict in, const T* __restrict factor, T* __restrict out, int64_t len) {
+  if (factor == nullptr) {
+    for (int64_t n = 0; n < len; ++n) out[n] = scale * Act::value(in[n]);
+  } else {
+    for (int64_t n = 0; n < len; ++n) out[n] = scale * Act::value(in[n]) * factor[n];
+  }
+}
+
+// value = scale * act(in), derivative = scale * act'(in)
+template <typename Act, typename T>
+void activation_derivative_row(T scale, const T* __restrict in, T* __restrict value, T* __restrict derivative,
+                               int64_t len) {
+  for (int64_t n = 0; n < len; ++n) {
+    T d;
+    value[n] = scale * Act::value(in[n], d);
+    derivative[n] = scale * d;
+  }
+}
+
+// grad_source += grad_y * scale * act'(source)
+template <typename Act, typename T>
+void ungated_backward_row(T scale, const T* __restrict source, const T* __restrict grad_y,
+                          T* __restrict grad_source, int64_t len) {
+  for (int64_t n = 0; n < len; ++n) {
+    T d;
+    Act::value(source[n], d);
+    grad_source[n] += grad_y[n] * scale * d;
+  }
+}
+
+// grad_source += grad_y * scale * act'(source) * gate; grad_gate += grad_y * scale * act(source) * gate'
+template <typename Act, typename T>
+void gated_backward_row(T scale, const T* __restrict source, const T* __restrict grad_y,
+                        const T* __restrict gate_value, const T* __restrict gate_derivative,
+                        T* __restrict grad_source, T* __restrict grad_gate, int64_t len) {
+  for (int64_t n = 0; n < len; ++n) {
+    T d;
+    const T g = grad_y[n] * scale, v = Act::value(source[n], d);
+    grad_source[n] += g * d * gate_value[n];
+    grad_gate[n] += g * v * gate_derivative[n];
+  }
+}
+
 // y[c] = a act_c(z[source_c]) * (a' gact_c(z[gate_c]) or 1); gate_factor: [num_gates][stride] scratch.
 template <typename opmath_t>
 void gate_tile(const GateTable& gates, const opmath_t* z, opmath_t* gate_factor, opmath_t* y, int64_t len,
                int64_t stride) {
   for (int64_t k = 0; k < gates.num_gates(); ++k) {
     const int64_t act = gates.gate_act[k];
-    activate<opmath_t>(act, gates.scale[act], z + gates.gate_channel[k] * stride, gate_factor + k * stride, len);
+    with_activation(act, [&](auto a) {
+      activation_row<decltype(a), opmath_t>(gates.scale[act], z + gates.gate_channel[k] * stride, nullptr,
+                                            gate_factor + k * stride, len);
+    });
   }
   for (int64_t c = 0; c < gates.out_channels(); ++c) {
     const int64_t act = gates.act[c], slot = gates.gate_slot[c];
-    opmath_t* out = y + c * stride;
-    activate<opmath_t>(act, gates.scale[act], z + gates.source[c] * stride, out, len);
-    if (slot < 0) continue;
-    const opmath_t* factor = gate_factor + slot * stride;
-    for (int64_t n = 0; n < len; ++n) out[n] *= factor[n];
+    const opmath_t* factor = slot < 0 ? nullptr : gate_factor + slot * stride;
+    with_activation(act, [&](auto a) {
+      activation_row<decltype(a), opmath_t>(gates.scale[act], z + gates.source[c] * stride, factor, y + c * stride,
+                                            len);
+    });
   }
 }
 
-template <typename opmath_t>
-struct GateBackwardScratch {
-  std::vector<opmath_t> gate_value, gate_derivative, value, derivative;
-
-  GateBackwardScratch(const GateTable& gates, int64_t stride)
-      : gate_value(gates.num_gates() * stride),
-        gate_derivative(gates.num_gates() * stride),
-        value(stride),
-        derivative(stride) {}
-};
-
-// grad_z [C_in][stride] = dL/dz from grad_y [C_out][stride] through the gate table.
+// grad_z [C_in][stride] = dL/dz from grad_y [C_out][stride] through the gate table; gate_value
+// and gate_derivative: [num_gates][stride] scratch.
 template <typename opmath_t>
 void gate_backward_tile(const GateTable& gates, int64_t channels, const opmath_t* z, const opmath_t* grad_y,
-                        opmath_t* grad_z, GateBackwardScratch<opmath_t>& scratch, int64_t len, int64_t stride) {
+                        opmath_t* grad_z, opmath_t* gate_value, opmath_t* gate_derivative, int64_t len,
+                        int64_t stride) {
   for (int64_t c = 0; c < channels; ++c) std::fill_n(grad_z + c * stride, len, opmath_t(0));
   for (int64_t k = 0; k < gates.num_gates(); ++k) {
     const int64_t act = gates.gate_act[k];
-    activate_with_derivative<opmath_t>(act, gates.scale[act], z + gates.gate_channel[k] * stride,
-                                       scratch.gate_value.data() + k * stride,
-                                       scratch.gate_derivative.data() + k * stride, len);
+    with_activation(act, [&](auto a) {
+      activation_derivative_row<decltype(a), opmath_t>(gates.scale[act], z + gates.gate_channel[k] * stride,
+                                                       gate_value + k * stride, gate_derivative + k * stride, len);
+    });
   }
-  opmath_t* value = scratch.value.data();
-  opmath_t* derivative = scratch.derivative.data();
   for (int64_t c = 0; c < gates.out_channels(); ++c) {
     const int64_t act = gates.act[c], slot = gates.gate_slot[c];
-    const opmath_t* gy = grad_y + c * stride;
+    const opmath_t* source = z + gates.source[c] * stride;
     opmath_t* grad_source = grad_z + gates.source[c] * stride;
-    activate_with_derivative<opmath_t>(act, gates.scale[act], z + gates.source[c] * stride, value, derivative, len);
-    if (slot < 0) {
-      for (int64_t n = 0; n < len; ++n) grad_source[n] += gy[n] * derivative[n];
-      continue;
-    }
-    const opmath_t* gate_value = scratch.gate_value.data() + slot * stride;
-    const opmath_t* gate_derivative = scratch.gate_derivative.data() + slot * stride;
-    opmath_t* grad_gate = grad_z + gates.gate_channel[slot] * stride;
-    for (int64_t n = 0; n < len; ++n) {
-      grad_source[n] += gy[n] * derivative[n] * gate_value[n];
-      grad_gate[n] += gy[n] * value[n] * gate_derivative[n];
-    }
+    with_activation(act, [&](auto a) {
+      using Act = decltype(a);
+      if (slot < 0) {
+        ungated_backward_row<Act, opmath_t>(gates.scale[act], source, grad_y + c * stride, grad_source, len);
+      } else {
+        gated_backward_row<Act, opmath_t>(gates.scale[act], source, grad_y + c * stride, gate_value + slot * stride,
+                                          gate_derivative + slot * stride, grad_source,
+                                          grad_z + gates.gate_channel[slot] * stride, len);
+      }
+    });
   }
 }
 
@@ -672,7 +752,7 @@ std::vector<double> backward_pass(const Voxels<const scalar_t>& x, const Voxels<
   tiling.for_each_chunk([&](int64_t chunk, int64_t first, int64_t end) {
     std::vector<opmath_t> xhat(channels * stride), z(channels * stride), gz(channels * stride);
     std::vector<opmath_t> gy(gates.out_channels() * stride);
-    GateBackwardScratch<opmath_t> scratch(gates, stride);
+    std::vector<opmath_t> gate_value(gates.num_gates() * stride), gate_derivative(gates.num_gates() * stride);
     for (int64_t t = first; t < end; ++t) {
       const Tile tile = tiling.tile(t);
       const int64_t g = mode == kModeInstance ? tile.b : 0, len = tile.len;
@@ -680,7 +760,8 @@ std::vector<double> backward_pass(const Voxels<const scalar_t>& x, const Voxels<
       standardize_rows(k, g, channels, len, stride, xhat.data());
       affine_rows(k, g, channels, len, stride, xhat.data(), z.data());
       load_tile(grad_y, tile.b, tile.n0, len, gy.data(), stride);
-      gate_backward_tile(gates, channels, z.data(), gy.data(), gz.data(), scratch, len, stride);
+      gate_backward_tile(gates, channels, z.data(), gy.data(), gz.data(), gate_value.data(), gate_derivative.data(),
+                         len, stride);
       for (int64_t c = 0; c < channels && pass.accumulate; ++c) {
         const opmath_t* grad_row = gz.data() + c * stride;
         const opmath_t* xhat_row = xhat.data() + c * stride;
