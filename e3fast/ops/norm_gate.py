@@ -23,9 +23,9 @@ of storing intermediates. With ``z = hat x`` before the affine and ``g = dL/d ha
 
 .. math::
     \\partial x = \\gamma (\\sigma^2 + \\epsilon)^{-1/2} \\big(g - [\\text{scalar}]\\langle g \\rangle
-    - z \\langle g z \\rangle \\delta_f / d_f \\big)
+    - z \\langle g z \\rangle d_f / \\delta_f \\big)
 
-(the two means over the statistics' reduction set), ``d gamma = sum g z``, ``d beta = sum g``.
+(the two means over the ``N d_f`` values of a statistics group), ``d gamma = sum g z``, ``d beta = sum g``.
 """
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def norm_gate_reference(x, spec: NormGateSpec, weight, bias, running_mean, runni
     start = scalar = field = 0
     for mul, ir in spec.irreps_in:
         d = ir.dim
-        values = flat[:, start:start + mul * d].reshape(batch, mul, d, -1)
+        values = flat[:, start:start + mul * d].reshape(batch, mul, d, flat.shape[-1])
         if mode != MODE_NONE:
             if ir.is_scalar():
                 if mode == MODE_INSTANCE:
@@ -122,7 +122,7 @@ def norm_gate_reference(x, spec: NormGateSpec, weight, bias, running_mean, runni
             values = values * scale[:, :, None, None]
             if bias is not None and ir.is_scalar():
                 values = values + bias[scalar - mul:scalar].to(dtype)[None, :, None, None]
-        normalized.append(values.reshape(batch, mul * d, -1))
+        normalized.append(values.reshape(batch, mul * d, flat.shape[-1]))
         start += mul * d
         field += mul
     normalized = torch.cat(normalized, dim=1) if normalized else flat
@@ -232,8 +232,8 @@ def _register_native() -> None:
     @torch.library.register_fake("e3fast::norm_gate_backward")
     def _(grad_y, x, weight, bias, mean, var, fields, gates, act_scales, mode, eps):
         stats_dtype = _opmath(x.dtype)
-        return (torch.empty_like(x), x.new_empty(fields.shape[0], dtype=stats_dtype),
-                x.new_empty(mean.shape[1], dtype=stats_dtype))
+        grad_x = torch.empty_like(x, memory_format=_memory_format(x))
+        return grad_x, x.new_empty(fields.shape[0], dtype=stats_dtype), x.new_empty(mean.shape[1], dtype=stats_dtype)
 
     def setup_context(ctx, inputs, output):
         x, weight, bias, running_mean, running_var, fields, gates, act_scales, _, mode, eps = inputs
