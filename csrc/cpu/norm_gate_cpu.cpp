@@ -275,38 +275,50 @@ std::vector<double> merge_chunks(const std::vector<double>& partial, int64_t num
 // Activations, one buffer row of `len` values at a time
 // ------------------------------------------------------------------------------------------
 
-// exp and tanh in float written so that loops over them vectorise (range reduction and
-// polynomials after Cephes' expf / tanhf, about 1 ulp); double uses libm.
-inline float exp_of(float v) {
-  v = std::min(std::max(v, -87.0f), 88.0f);
+// exp, expm1 and tanh in float written so that loops over them vectorise (Cephes' expf range
+// reduction and polynomial, about 1 ulp); double uses libm. No select may have an arm that
+// later arithmetic folds to a constant or that only one arm needs: GCC then branches, and a
+// loop with branches around floating point operations stays scalar.
+
+// v = k ln 2 + r with |r| <= ln(2) / 2: two_to_k = 2^k, em1 = e^r - 1.
+inline void exp_reduce(float v, float& two_to_k, float& em1) {
+  v = std::copysign(std::min(std::abs(v), 87.0f), v);  // 2^k and e^v stay normal floats
   const float k = (v * 1.44269504089f + 12582912.0f) - 12582912.0f;  // round(v / ln 2)
-  const float r = (v - k * 0.693359375f) + k * 2.12194440e-4f;         // v - k ln 2
+  const float r = (v - k * 0.693359375f) + k * 2.12194440e-4f;         // ln 2 in two parts
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  const float two_to_k = std::bit_cast<float>((static_cast<int32_t>(k) + 127) << 23);
-  return (p * r * r + r + 1.0f) * two_to_k;
+  two_to_k = std::bit_cast<float>((static_cast<int32_t>(k) + 127) << 23);
+  em1 = p * r * r + r;
+}
+
+inline float exp_of(float v) {
+  float two_to_k, em1;
+  exp_reduce(v, two_to_k, em1);
+  return two_to_k * em1 + two_to_k;
 }
 
 inline double exp_of(double v) { return std::exp(v); }
 
+// tanh(v) = m / (m + 2) with m = e^(2v) - 1, accurate near 0 as m is.
 inline float tanh_of(float v) {
-  const float e = exp_of(-2.0f * std::abs(v));
-  const float large = std::copysign((1.0f - e) / (1.0f + e), v);
-  const float z = v * v;
-  float p = -5.70498872745e-3f;
-  p = p * z + 2.06390887954e-2f;
-  p = p * z - 5.37397155531e-2f;
-  p = p * z + 1.33314422036e-1f;
-  p = p * z - 3.33332819422e-1f;
-  const float small = p * z * v + v;
-  return std::abs(v) < 0.625f ? small : large;
+  float two_to_k, em1;
+  exp_reduce(2.0f * v, two_to_k, em1);
+  const float m = two_to_k * em1 + (two_to_k - 1.0f);
+  return m / (m + 2.0f);
 }
 
 inline double tanh_of(double v) { return std::tanh(v); }
+
+// 1 where v > 0, else 0; in float a bit mask, as a select of constants would become a branch.
+inline float positive_step(float v) {
+  return std::bit_cast<float>(std::bit_cast<uint32_t>(1.0f) & -static_cast<uint32_t>(v > 0.0f));
+}
+
+inline double positive_step(double v) { return v > 0.0 ? 1.0 : 0.0; }
 
 template <typename T>
 inline T sigmoid(T v) {
@@ -330,8 +342,8 @@ struct ReluAct {
   static T value(T v) { return v > T(0) ? v : T(0); }
   template <typename T>
   static T value(T v, T& derivative) {
-    derivative = v > T(0) ? T(1) : T(0);
-    return value(v);
+    derivative = positive_step(v);
+    return v * derivative;
   }
 };
 
@@ -373,7 +385,7 @@ struct AbsAct {
   static T value(T v) { return std::abs(v); }
   template <typename T>
   static T value(T v, T& derivative) {
-    derivative = v > T(0) ? T(1) : (v < T(0) ? T(-1) : T(0));
+    derivative = positive_step(v) - positive_step(-v);
     return std::abs(v);
   }
 };
