@@ -49,10 +49,13 @@ constexpr int64_t kModeRunning = 3;
 
 enum Activation : int64_t { kIdentity = 0, kRelu, kTanh, kSigmoid, kSilu, kAbs, kNumActivations };
 
-// Scratch floats per buffer row block: tiles hold about this many values of all channels.
+// Tiles of voxels: the buffered passes hold about kTileValues values of all channels in one
+// [channels][tile] buffer (a multiple of kTileAlign voxels, at most kMaxTile); the statistics
+// pass reads kStreamTile voxels of each channel at a time, without buffers.
 constexpr int64_t kTileValues = 8192;
 constexpr int64_t kTileAlign = 16;
 constexpr int64_t kMaxTile = 512;
+constexpr int64_t kStreamTile = 4096;
 
 // ------------------------------------------------------------------------------------------
 // Tables
@@ -192,59 +195,86 @@ Voxels<T> voxels_of(const at::Tensor& t) {
   return {t.data_ptr<std::remove_const_t<T>>(), batch, channels, voxels, is_channels_last(t)};
 }
 
-// Copies voxels [n0, n0 + len) of sample b, all channels, into buffer[c * stride + n].
-template <typename scalar_t, typename opmath_t>
-void load_tile(const Voxels<const scalar_t>& src, int64_t b, int64_t n0, int64_t len, opmath_t* buffer,
+struct Tile {
+  int64_t b, n0, len;
+};
+
+// Maps applied to each channel while loading a tile: `map.at(c)` is a function of the value.
+struct CopyMap {
+  CopyMap at(int64_t) const { return *this; }
+  template <typename T>
+  T operator()(T v) const { return v; }
+};
+
+template <typename T>
+struct AffineRow {
+  T shift, scale, offset;
+  T operator()(T v) const { return (v - shift) * scale + offset; }
+};
+
+// v -> (v - shift[c]) * scale[c] + offset[c]; no offset when `offset` is null.
+template <typename T>
+struct AffineMap {
+  const T* shift;
+  const T* scale;
+  const T* offset;
+  AffineRow<T> at(int64_t c) const { return {shift[c], scale[c], offset ? offset[c] : T(0)}; }
+};
+
+// buffer[c * stride + n] = map.at(c)(x[b, c, n0 + n]) for the tile's voxels, all channels.
+template <typename scalar_t, typename opmath_t, typename Map>
+void load_tile(const Voxels<const scalar_t>& src, const Tile& tile, const Map& map, opmath_t* buffer,
                int64_t stride) {
-  const scalar_t* sample = src.sample(b);
+  const scalar_t* sample = src.sample(tile.b);
   if (src.channels_last) {
-    for (int64_t n = 0; n < len; ++n) {
-      const scalar_t* voxel = sample + (n0 + n) * src.channels;
-      for (int64_t c = 0; c < src.channels; ++c) buffer[c * stride + n] = static_cast<opmath_t>(voxel[c]);
+    for (int64_t n = 0; n < tile.len; ++n) {
+      const scalar_t* voxel = sample + (tile.n0 + n) * src.channels;
+      for (int64_t c = 0; c < src.channels; ++c) buffer[c * stride + n] = map.at(c)(static_cast<opmath_t>(voxel[c]));
     }
   } else {
     for (int64_t c = 0; c < src.channels; ++c) {
-      const scalar_t* row = sample + c * src.voxels + n0;
+      const auto row_map = map.at(c);
+      const scalar_t* row = sample + c * src.voxels + tile.n0;
       opmath_t* out = buffer + c * stride;
-      for (int64_t n = 0; n < len; ++n) out[n] = static_cast<opmath_t>(row[n]);
+      for (int64_t n = 0; n < tile.len; ++n) out[n] = row_map(static_cast<opmath_t>(row[n]));
     }
   }
 }
 
 // The inverse of load_tile.
 template <typename scalar_t, typename opmath_t>
-void store_tile(const opmath_t* buffer, int64_t stride, const Voxels<scalar_t>& dst, int64_t b, int64_t n0,
-                int64_t len) {
-  scalar_t* sample = dst.sample(b);
+void store_tile(const opmath_t* buffer, int64_t stride, const Voxels<scalar_t>& dst, const Tile& tile) {
+  scalar_t* sample = dst.sample(tile.b);
   if (dst.channels_last) {
-    for (int64_t n = 0; n < len; ++n) {
-      scalar_t* voxel = sample + (n0 + n) * dst.channels;
+    for (int64_t n = 0; n < tile.len; ++n) {
+      scalar_t* voxel = sample + (tile.n0 + n) * dst.channels;
       for (int64_t c = 0; c < dst.channels; ++c) voxel[c] = static_cast<scalar_t>(buffer[c * stride + n]);
     }
   } else {
     for (int64_t c = 0; c < dst.channels; ++c) {
-      scalar_t* row = sample + c * dst.voxels + n0;
+      scalar_t* row = sample + c * dst.voxels + tile.n0;
       const opmath_t* in = buffer + c * stride;
-      for (int64_t n = 0; n < len; ++n) row[n] = static_cast<scalar_t>(in[n]);
+      for (int64_t n = 0; n < tile.len; ++n) row[n] = static_cast<scalar_t>(in[n]);
     }
   }
 }
-
-struct Tile {
-  int64_t b, n0, len;
-};
 
 // Tiles of `size` voxels of one sample, grouped into contiguous chunks, one chunk per parallel
 // task. Each chunk owns its slot of partial sums, so results do not depend on scheduling.
 struct Tiling {
   int64_t batch, voxels, size, tiles_per_sample, num_tiles, num_chunks;
 
-  Tiling(int64_t batch_, int64_t voxels_, int64_t widest_channels) : batch(batch_), voxels(voxels_) {
-    const int64_t fit = kTileValues / std::max<int64_t>(1, widest_channels) / kTileAlign * kTileAlign;
-    size = std::max<int64_t>(1, std::min({std::max(kTileAlign, fit), kMaxTile, voxels}));
+  Tiling(int64_t batch_, int64_t voxels_, int64_t max_size) : batch(batch_), voxels(voxels_) {
+    size = std::max<int64_t>(1, std::min(max_size, voxels));
     tiles_per_sample = (voxels + size - 1) / size;
     num_tiles = batch * tiles_per_sample;
     num_chunks = std::min<int64_t>(num_tiles, at::get_num_threads());
+  }
+
+  // Tiles whose [channels][size] float buffers stay in cache.
+  static Tiling buffered(int64_t batch, int64_t voxels, int64_t widest_channels) {
+    const int64_t fit = kTileValues / std::max<int64_t>(1, widest_channels) / kTileAlign * kTileAlign;
+    return Tiling(batch, voxels, std::min(std::max(kTileAlign, fit), kMaxTile));
   }
 
   int64_t first_tile(int64_t chunk) const { return chunk * num_tiles / num_chunks; }
@@ -414,10 +444,18 @@ int64_t group_size(int64_t mode, int64_t batch, int64_t voxels) {
   return mode == kModeInstance ? voxels : batch * voxels;
 }
 
-// Per statistics group g and input channel c, at [g * C + c].
+// Per statistics group g and input channel c, at [g * C + c]; scale = gamma * inv_std.
 template <typename opmath_t>
 struct ChannelCoefficients {
-  std::vector<opmath_t> mean, inv_std, gamma, beta;
+  std::vector<opmath_t> mean, inv_std, gamma, beta, scale;
+
+  // x -> z = (x - mean) * scale + beta and x -> xhat = (x - mean) * inv_std, for group g.
+  AffineMap<opmath_t> normalize(int64_t g, int64_t channels) const {
+    return {mean.data() + g * channels, scale.data() + g * channels, beta.data() + g * channels};
+  }
+  AffineMap<opmath_t> standardize(int64_t g, int64_t channels) const {
+    return {mean.data() + g * channels, inv_std.data() + g * channels, nullptr};
+  }
 };
 
 std::vector<double> as_doubles(const at::Tensor& t) {
@@ -439,27 +477,18 @@ ChannelCoefficients<opmath_t> channel_coefficients(const FieldTable& fields, int
   for (int64_t g = 0; g < groups; ++g) {
     for (int64_t c = 0; c < channels; ++c) {
       const int64_t f = fields.field_of_channel[c], s = fields.scalar_index[f];
+      const double inv_std = normalized ? 1.0 / std::sqrt(vars[g * fields.num_fields() + f] + eps) : 1.0;
       out.mean.push_back(normalized && s >= 0 ? means[g * fields.num_scalars + s] : 0.0);
-      out.inv_std.push_back(normalized ? 1.0 / std::sqrt(vars[g * fields.num_fields() + f] + eps) : 1.0);
+      out.inv_std.push_back(inv_std);
       out.gamma.push_back(normalized ? gamma[f] : 1.0);
       out.beta.push_back(normalized && s >= 0 ? beta[s] : 0.0);
+      out.scale.push_back(normalized ? inv_std * gamma[f] : 1.0);
     }
   }
   return out;
 }
 
-// rows[c] <- (rows[c] - mean_c) * inv_std_c, for the channels of statistics group g.
-template <typename opmath_t>
-void standardize_rows(const ChannelCoefficients<opmath_t>& k, int64_t g, int64_t channels, int64_t len,
-                      int64_t stride, opmath_t* rows) {
-  for (int64_t c = 0; c < channels; ++c) {
-    const opmath_t mean = k.mean[g * channels + c], inv_std = k.inv_std[g * channels + c];
-    opmath_t* row = rows + c * stride;
-    for (int64_t n = 0; n < len; ++n) row[n] = (row[n] - mean) * inv_std;
-  }
-}
-
-// z[c] <- gamma_c * xhat[c] + beta_c (z may be xhat).
+// z[c] = gamma_c * xhat[c] + beta_c for the channels of statistics group g.
 template <typename opmath_t>
 void affine_rows(const ChannelCoefficients<opmath_t>& k, int64_t g, int64_t channels, int64_t len, int64_t stride,
                  const opmath_t* xhat, opmath_t* z) {
@@ -483,34 +512,51 @@ std::vector<double> variance_shifts(const Voxels<const scalar_t>& x, const Field
   return shift;
 }
 
-// Per (group, channel): sum (x - shift) and sum (x - shift)^2, at [(g * C + c) * 2 + {0, 1}].
-template <typename scalar_t, typename opmath_t>
+// Adds the tile's sum (x - shift) to sums[c] and sum (x - shift)^2 to squares[c], in double.
+template <typename scalar_t>
+void accumulate_moments(const Voxels<const scalar_t>& x, const Tile& tile, const double* __restrict shift,
+                        double* __restrict sums, double* __restrict squares) {
+  const scalar_t* sample = x.sample(tile.b);
+  if (x.channels_last) {
+    for (int64_t n = 0; n < tile.len; ++n) {
+      const scalar_t* voxel = sample + (tile.n0 + n) * x.channels;
+      for (int64_t c = 0; c < x.channels; ++c) {
+        const double d = static_cast<double>(voxel[c]) - shift[c];
+        sums[c] += d;
+        squares[c] += d * d;
+      }
+    }
+    return;
+  }
+  for (int64_t c = 0; c < x.channels; ++c) {
+    const scalar_t* row = sample + c * x.voxels + tile.n0;
+    const double k = shift[c];
+    double s1 = 0.0, s2 = 0.0;
+#pragma omp simd reduction(+ : s1, s2)
+    for (int64_t n = 0; n < tile.len; ++n) {
+      const double d = static_cast<double>(row[n]) - k;
+      s1 += d;
+      s2 += d * d;
+    }
+    sums[c] += s1;
+    squares[c] += s2;
+  }
+}
+
+// Per (group, channel): sum (x - shift) at [(g * 2) * C + c], sum (x - shift)^2 at [(g * 2 + 1) * C + c].
+template <typename scalar_t>
 std::vector<double> shifted_moments(const Voxels<const scalar_t>& x, int64_t mode, int64_t groups,
                                     const std::vector<double>& shift) {
   const int64_t channels = x.channels;
-  const Tiling tiling(x.batch, x.voxels, channels);
-  const size_t slice = groups * channels * 2;
+  const Tiling tiling(x.batch, x.voxels, kStreamTile);
+  const size_t slice = groups * 2 * channels;
   std::vector<double> partial(tiling.num_chunks * slice, 0.0);
   tiling.for_each_chunk([&](int64_t chunk, int64_t first, int64_t end) {
-    std::vector<opmath_t> buffer(channels * tiling.size);
     for (int64_t t = first; t < end; ++t) {
       const Tile tile = tiling.tile(t);
-      load_tile(x, tile.b, tile.n0, tile.len, buffer.data(), tiling.size);
       const int64_t g = mode == kModeInstance ? tile.b : 0;
-      double* sums = partial.data() + chunk * slice + g * channels * 2;
-      for (int64_t c = 0; c < channels; ++c) {
-        const opmath_t* row = buffer.data() + c * tiling.size;
-        const double k = shift[g * channels + c];
-        double s1 = 0.0, s2 = 0.0;
-#pragma omp simd reduction(+ : s1, s2)
-        for (int64_t n = 0; n < tile.len; ++n) {
-          const double d = static_cast<double>(row[n]) - k;
-          s1 += d;
-          s2 += d * d;
-        }
-        sums[2 * c] += s1;
-        sums[2 * c + 1] += s2;
-      }
+      double* sums = partial.data() + chunk * slice + g * 2 * channels;
+      accumulate_moments(x, tile, shift.data() + g * channels, sums, sums + channels);
     }
   });
   return merge_chunks(partial, tiling.num_chunks, slice);
@@ -523,19 +569,21 @@ void compute_statistics(const Voxels<const scalar_t>& x, const FieldTable& field
   const int64_t groups = mean.size(0), channels = x.channels;
   const double count = static_cast<double>(group_size(mode, x.batch, x.voxels));
   const std::vector<double> shift = variance_shifts(x, fields, groups);
-  const std::vector<double> sums = shifted_moments<scalar_t, opmath_t>(x, mode, groups, shift);
+  const std::vector<double> moments = shifted_moments(x, mode, groups, shift);
   opmath_t* mean_out = mean.data_ptr<opmath_t>();
   opmath_t* var_out = var.data_ptr<opmath_t>();
   for (int64_t g = 0; g < groups; ++g) {
     for (int64_t f = 0; f < fields.num_fields(); ++f) {
-      const int64_t first = g * channels + fields.start[f];
+      const double* sums = moments.data() + g * 2 * channels + fields.start[f];
+      const double* squares_of = sums + channels;
       const double denominator = count * static_cast<double>(fields.divisor[f]);
       double squares = 0.0;
-      for (int64_t m = 0; m < fields.dim[f]; ++m) squares += sums[2 * (first + m) + 1];
+      for (int64_t m = 0; m < fields.dim[f]; ++m) squares += squares_of[m];
       if (fields.is_scalar(f)) {
-        const double offset = sums[2 * first] / count;
-        mean_out[g * fields.num_scalars + fields.scalar_index[f]] = static_cast<opmath_t>(shift[first] + offset);
-        squares -= sums[2 * first] * offset;
+        const double offset = sums[0] / count;
+        mean_out[g * fields.num_scalars + fields.scalar_index[f]] =
+            static_cast<opmath_t>(shift[g * channels + fields.start[f]] + offset);
+        squares -= sums[0] * offset;
       }
       var_out[g * fields.num_fields() + f] = static_cast<opmath_t>(std::max(0.0, squares / denominator));
     }
@@ -653,18 +701,16 @@ template <typename scalar_t, typename opmath_t>
 void normalize_and_gate(const Voxels<const scalar_t>& x, const GateTable& gates, int64_t mode,
                         const ChannelCoefficients<opmath_t>& k, const Voxels<scalar_t>& y) {
   const int64_t channels = x.channels;
-  const Tiling tiling(x.batch, x.voxels, std::max(channels, gates.out_channels()));
+  const Tiling tiling = Tiling::buffered(x.batch, x.voxels, std::max(channels, gates.out_channels()));
   const int64_t stride = tiling.size;
   tiling.for_each_chunk([&](int64_t, int64_t first, int64_t end) {
     std::vector<opmath_t> z(channels * stride), factor(gates.num_gates() * stride), out(y.channels * stride);
     for (int64_t t = first; t < end; ++t) {
       const Tile tile = tiling.tile(t);
       const int64_t g = mode == kModeInstance ? tile.b : 0;
-      load_tile(x, tile.b, tile.n0, tile.len, z.data(), stride);
-      standardize_rows(k, g, channels, tile.len, stride, z.data());
-      affine_rows(k, g, channels, tile.len, stride, z.data(), z.data());
+      load_tile(x, tile, k.normalize(g, channels), z.data(), stride);
       gate_tile(gates, z.data(), factor.data(), out.data(), tile.len, stride);
-      store_tile(out.data(), stride, y, tile.b, tile.n0, tile.len);
+      store_tile(out.data(), stride, y, tile);
     }
   });
 }
@@ -757,7 +803,7 @@ std::vector<double> backward_pass(const Voxels<const scalar_t>& x, const Voxels<
                                   const GradientCoefficients<opmath_t>& gk, BackwardPass pass,
                                   const Voxels<scalar_t>& grad_x) {
   const int64_t channels = x.channels, groups = num_groups(mode, x.batch);
-  const Tiling tiling(x.batch, x.voxels, std::max(channels, gates.out_channels()));
+  const Tiling tiling = Tiling::buffered(x.batch, x.voxels, std::max(channels, gates.out_channels()));
   const int64_t stride = tiling.size;
   const size_t slice = pass.accumulate ? groups * channels * 2 : 0;
   std::vector<double> partial(tiling.num_chunks * slice, 0.0);
@@ -768,10 +814,9 @@ std::vector<double> backward_pass(const Voxels<const scalar_t>& x, const Voxels<
     for (int64_t t = first; t < end; ++t) {
       const Tile tile = tiling.tile(t);
       const int64_t g = mode == kModeInstance ? tile.b : 0, len = tile.len;
-      load_tile(x, tile.b, tile.n0, len, xhat.data(), stride);
-      standardize_rows(k, g, channels, len, stride, xhat.data());
+      load_tile(x, tile, k.standardize(g, channels), xhat.data(), stride);
       affine_rows(k, g, channels, len, stride, xhat.data(), z.data());
-      load_tile(grad_y, tile.b, tile.n0, len, gy.data(), stride);
+      load_tile(grad_y, tile, CopyMap{}, gy.data(), stride);
       gate_backward_tile(gates, channels, z.data(), gy.data(), gz.data(), gate_value.data(), gate_derivative.data(),
                          len, stride);
       for (int64_t c = 0; c < channels && pass.accumulate; ++c) {
@@ -795,7 +840,7 @@ std::vector<double> backward_pass(const Voxels<const scalar_t>& x, const Voxels<
         const opmath_t* xhat_row = xhat.data() + c * stride;
         for (int64_t n = 0; n < len; ++n) grad_row[n] = k1 * grad_row[n] + k2 * xhat_row[n] + k3;
       }
-      store_tile(gz.data(), stride, grad_x, tile.b, tile.n0, len);
+      store_tile(gz.data(), stride, grad_x, tile);
     }
   });
   return merge_chunks(partial, tiling.num_chunks, slice);
