@@ -52,10 +52,11 @@ enum Activation : int64_t { kIdentity = 0, kRelu, kTanh, kSigmoid, kSilu, kAbs, 
 // Tiles of voxels: the buffered passes hold about kTileValues values of all channels in one
 // [channels][tile] buffer (a multiple of kTileAlign voxels, at most kMaxTile); the statistics
 // pass reads kStreamTile voxels of each channel at a time, without buffers.
-constexpr int64_t kTileValues = 8192;
+constexpr int64_t kTileValues = 32768;
 constexpr int64_t kTileAlign = 16;
 constexpr int64_t kMaxTile = 512;
 constexpr int64_t kStreamTile = 4096;
+constexpr int64_t kCacheLine = 64;
 
 // ------------------------------------------------------------------------------------------
 // Tables
@@ -277,6 +278,13 @@ struct Tiling {
   static Tiling buffered(int64_t batch, int64_t voxels, int64_t widest_channels) {
     const int64_t fit = kTileValues / std::max<int64_t>(1, widest_channels) / kTileAlign * kTileAlign;
     return Tiling(batch, voxels, std::min(std::max(kTileAlign, fit), kMaxTile));
+  }
+
+  // Row stride of [channels][size] buffers of `element_size` bytes: an odd number of cache
+  // lines, so that the rows do not all map to the same few cache sets.
+  int64_t buffer_stride(int64_t element_size) const {
+    const int64_t per_line = kCacheLine / element_size, lines = (size + per_line - 1) / per_line;
+    return (lines | 1) * per_line;
   }
 
   int64_t first_tile(int64_t chunk) const { return chunk * num_tiles / num_chunks; }
@@ -704,7 +712,7 @@ void normalize_and_gate(const Voxels<const scalar_t>& x, const GateTable& gates,
                         const ChannelCoefficients<opmath_t>& k, const Voxels<scalar_t>& y) {
   const int64_t channels = x.channels;
   const Tiling tiling = Tiling::buffered(x.batch, x.voxels, std::max(channels, gates.out_channels()));
-  const int64_t stride = tiling.size;
+  const int64_t stride = tiling.buffer_stride(sizeof(opmath_t));
   tiling.for_each_chunk([&](int64_t, int64_t first, int64_t end) {
     std::vector<opmath_t> z(channels * stride), factor(gates.num_gates() * stride), out(y.channels * stride);
     for (int64_t t = first; t < end; ++t) {
@@ -806,7 +814,7 @@ std::vector<double> backward_pass(const Voxels<const scalar_t>& x, const Voxels<
                                   const Voxels<scalar_t>& grad_x) {
   const int64_t channels = x.channels, groups = num_groups(mode, x.batch);
   const Tiling tiling = Tiling::buffered(x.batch, x.voxels, std::max(channels, gates.out_channels()));
-  const int64_t stride = tiling.size;
+  const int64_t stride = tiling.buffer_stride(sizeof(opmath_t));
   const size_t slice = pass.accumulate ? groups * channels * 2 : 0;
   std::vector<double> partial(tiling.num_chunks * slice, 0.0);
   tiling.for_each_chunk([&](int64_t chunk, int64_t first, int64_t end) {
