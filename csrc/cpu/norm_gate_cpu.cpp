@@ -237,7 +237,8 @@ void load_tile(const Voxels<const scalar_t>& src, const Tile& tile, const Map& m
       const auto row_map = map.at(c);
       const scalar_t* row = sample + c * src.voxels + tile.n0;
       opmath_t* out = buffer + c * stride;
-      for (int64_t n = 0; n < tile.len; n += 64 / sizeof(scalar_t)) __builtin_prefetch(row + tile.len + n);
+      // The next tile's row: the hardware prefetchers do not follow this many short streams.
+      for (int64_t n = 0; n < tile.len; n += kCacheLine / sizeof(scalar_t)) __builtin_prefetch(row + tile.len + n);
       for (int64_t n = 0; n < tile.len; ++n) out[n] = row_map(static_cast<opmath_t>(row[n]));
     }
   }
@@ -256,7 +257,6 @@ void store_tile(const opmath_t* buffer, int64_t stride, const Voxels<scalar_t>& 
     for (int64_t c = 0; c < dst.channels; ++c) {
       scalar_t* row = sample + c * dst.voxels + tile.n0;
       const opmath_t* in = buffer + c * stride;
-      for (int64_t n = 0; n < tile.len; n += 64 / sizeof(scalar_t)) __builtin_prefetch(row + tile.len + n, 1);
       for (int64_t n = 0; n < tile.len; ++n) row[n] = static_cast<scalar_t>(in[n]);
     }
   }
