@@ -331,3 +331,16 @@ def test_bad_arguments_raise():
         torch.ops.e3fast.norm_gate(*args[:9], 3, args[10])
     with pytest.raises(RuntimeError, match="must be float64, float32"):
         torch.ops.e3fast.norm_gate(x.int(), *args[1:])
+
+
+@pytest.mark.parametrize("shape", [(0, 2, 2, 2), (2, 0, 3, 2)], ids=["no-samples", "no-voxels"])
+@pytest.mark.parametrize("normalization,training", MODES, ids=MODE_IDS)
+def test_empty_input(normalization, training, shape):
+    spec = TYPICAL
+    x = voxel_input(spec, shape, layout="channels_last")
+    params = make_parameters(spec, normalization)
+    native = run("cpu", x, spec, params, normalization, training)
+    reference = run("reference", x, spec, params, normalization, training)
+    assert native.y.shape == reference.y.shape == (shape[0], spec.irreps_out.dim, *shape[1:])
+    for name, grad in reference.grads.items():
+        assert native.grads[name].shape == grad.shape, name

@@ -91,7 +91,7 @@ def norm_gate_reference(x, spec: NormGateSpec, weight, bias, running_mean, runni
     """Pure-PyTorch norm + gate. Returns ``(y, mean [B|1, S], var [B|1, F])``."""
     dtype = _opmath(x.dtype)
     batch, channels = x.shape[:2]
-    flat = x.to(dtype).reshape(batch, channels, -1)
+    flat = x.to(dtype).reshape(batch, channels, x.shape[2:].numel())
     normalized, means, variances = [], [], []
     start = scalar = field = 0
     for mul, ir in spec.irreps_in:
@@ -127,7 +127,7 @@ def norm_gate_reference(x, spec: NormGateSpec, weight, bias, running_mean, runni
         field += mul
     normalized = torch.cat(normalized, dim=1) if normalized else flat
     y = _apply_gate(normalized, spec)
-    y = y.reshape(batch, -1, *x.shape[2:]).to(x.dtype).contiguous(memory_format=_memory_format(x))
+    y = y.reshape(batch, spec.irreps_out.dim, *x.shape[2:]).to(x.dtype).contiguous(memory_format=_memory_format(x))
     stats_batch = batch if mode == MODE_INSTANCE else 1
     mean = torch.cat(means, dim=1) if means else flat.new_zeros(stats_batch, 0)
     var = torch.cat(variances, dim=1) if variances else flat.new_zeros(stats_batch, 0)
