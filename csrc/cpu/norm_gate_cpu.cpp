@@ -39,6 +39,10 @@
 #include <utility>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
 namespace e3fast {
 namespace {
 
@@ -222,16 +226,85 @@ struct AffineMap {
   AffineRow<T> at(int64_t c) const { return {shift[c], scale[c], offset ? offset[c] : T(0)}; }
 };
 
+// rows[c * stride + n] = voxels[n * channels + c] for n < len: a channels-last block, channel-major.
+template <typename scalar_t, typename opmath_t>
+void transpose_to_rows(const scalar_t* voxels, int64_t channels, int64_t len, opmath_t* rows, int64_t stride) {
+  for (int64_t n = 0; n < len; ++n)
+    for (int64_t c = 0; c < channels; ++c) rows[c * stride + n] = static_cast<opmath_t>(voxels[n * channels + c]);
+}
+
+// voxels[n * channels + c] = rows[c * stride + n] for n < len.
+template <typename scalar_t, typename opmath_t>
+void transpose_from_rows(const opmath_t* rows, int64_t stride, int64_t channels, int64_t len, scalar_t* voxels) {
+  for (int64_t n = 0; n < len; ++n)
+    for (int64_t c = 0; c < channels; ++c) voxels[n * channels + c] = static_cast<scalar_t>(rows[c * stride + n]);
+}
+
+#if defined(__SSE2__)
+// float: 4 x 4 blocks through SSE registers (element by element, the loops above compile to
+// scalar moves); the channels and voxels beyond a multiple of 4 one at a time.
+inline void transpose_to_rows(const float* voxels, int64_t channels, int64_t len, float* rows, int64_t stride) {
+  const int64_t len4 = len / 4 * 4, channels4 = channels / 4 * 4;
+  for (int64_t n = 0; n < len4; n += 4) {
+    const float* block = voxels + n * channels;
+    for (int64_t c = 0; c < channels4; c += 4) {
+      __m128 v0 = _mm_loadu_ps(block + c), v1 = _mm_loadu_ps(block + channels + c);
+      __m128 v2 = _mm_loadu_ps(block + 2 * channels + c), v3 = _mm_loadu_ps(block + 3 * channels + c);
+      _MM_TRANSPOSE4_PS(v0, v1, v2, v3);
+      _mm_storeu_ps(rows + c * stride + n, v0);
+      _mm_storeu_ps(rows + (c + 1) * stride + n, v1);
+      _mm_storeu_ps(rows + (c + 2) * stride + n, v2);
+      _mm_storeu_ps(rows + (c + 3) * stride + n, v3);
+    }
+    for (int64_t c = channels4; c < channels; ++c)
+      for (int64_t j = 0; j < 4; ++j) rows[c * stride + n + j] = block[j * channels + c];
+  }
+  for (int64_t n = len4; n < len; ++n)
+    for (int64_t c = 0; c < channels; ++c) rows[c * stride + n] = voxels[n * channels + c];
+}
+
+inline void transpose_from_rows(const float* rows, int64_t stride, int64_t channels, int64_t len, float* voxels) {
+  const int64_t len4 = len / 4 * 4, channels4 = channels / 4 * 4;
+  for (int64_t n = 0; n < len4; n += 4) {
+    float* block = voxels + n * channels;
+    for (int64_t c = 0; c < channels4; c += 4) {
+      __m128 v0 = _mm_loadu_ps(rows + c * stride + n), v1 = _mm_loadu_ps(rows + (c + 1) * stride + n);
+      __m128 v2 = _mm_loadu_ps(rows + (c + 2) * stride + n), v3 = _mm_loadu_ps(rows + (c + 3) * stride + n);
+      _MM_TRANSPOSE4_PS(v0, v1, v2, v3);
+      _mm_storeu_ps(block + c, v0);
+      _mm_storeu_ps(block + channels + c, v1);
+      _mm_storeu_ps(block + 2 * channels + c, v2);
+      _mm_storeu_ps(block + 3 * channels + c, v3);
+    }
+    for (int64_t c = channels4; c < channels; ++c)
+      for (int64_t j = 0; j < 4; ++j) block[j * channels + c] = rows[c * stride + n + j];
+  }
+  for (int64_t n = len4; n < len; ++n)
+    for (int64_t c = 0; c < channels; ++c) voxels[n * channels + c] = rows[c * stride + n];
+}
+#endif
+
+// rows[c] = map.at(c)(rows[c]) (nothing to do for a copy).
+template <typename opmath_t, typename Map>
+void map_rows(const Map& map, int64_t channels, int64_t len, opmath_t* rows, int64_t stride) {
+  for (int64_t c = 0; c < channels; ++c) {
+    const auto row_map = map.at(c);
+    opmath_t* row = rows + c * stride;
+    for (int64_t n = 0; n < len; ++n) row[n] = row_map(row[n]);
+  }
+}
+
+template <typename opmath_t>
+void map_rows(const CopyMap&, int64_t, int64_t, opmath_t*, int64_t) {}
+
 // buffer[c * stride + n] = map.at(c)(x[b, c, n0 + n]) for the tile's voxels, all channels.
 template <typename scalar_t, typename opmath_t, typename Map>
 void load_tile(const Voxels<const scalar_t>& src, const Tile& tile, const Map& map, opmath_t* buffer,
                int64_t stride) {
   const scalar_t* sample = src.sample(tile.b);
   if (src.channels_last) {
-    for (int64_t n = 0; n < tile.len; ++n) {
-      const scalar_t* voxel = sample + (tile.n0 + n) * src.channels;
-      for (int64_t c = 0; c < src.channels; ++c) buffer[c * stride + n] = map.at(c)(static_cast<opmath_t>(voxel[c]));
-    }
+    transpose_to_rows(sample + tile.n0 * src.channels, src.channels, tile.len, buffer, stride);
+    map_rows(map, src.channels, tile.len, buffer, stride);
   } else {
     for (int64_t c = 0; c < src.channels; ++c) {
       const auto row_map = map.at(c);
@@ -249,10 +322,7 @@ template <typename scalar_t, typename opmath_t>
 void store_tile(const opmath_t* buffer, int64_t stride, const Voxels<scalar_t>& dst, const Tile& tile) {
   scalar_t* sample = dst.sample(tile.b);
   if (dst.channels_last) {
-    for (int64_t n = 0; n < tile.len; ++n) {
-      scalar_t* voxel = sample + (tile.n0 + n) * dst.channels;
-      for (int64_t c = 0; c < dst.channels; ++c) voxel[c] = static_cast<scalar_t>(buffer[c * stride + n]);
-    }
+    transpose_from_rows(buffer, stride, dst.channels, tile.len, sample + tile.n0 * dst.channels);
   } else {
     for (int64_t c = 0; c < dst.channels; ++c) {
       scalar_t* row = sample + c * dst.voxels + tile.n0;
