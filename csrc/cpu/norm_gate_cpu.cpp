@@ -19,11 +19,18 @@
 //   dx = inv * (g - [scalar] mean_group(g) - xhat * sum_group(g * xhat) / (Ng * delta))
 //        (instance, batch);  dx = inv * g (running);  dx = g_z (none)
 //
-// Work is split into tiles of T voxels of one sample. A tile of every channel is loaded into a
-// channel-major float buffer [C][T] whatever the memory layout, so the arithmetic loops are
-// contiguous and vectorise; per-chunk partial sums (double) are merged after the parallel loop.
-// Variances use sums shifted by one sample value per channel (stable for large offsets).
-// Forward: statistics pass + normalize/gate pass. Backward: reduction pass + gradient pass.
+// Passes over memory. Forward: statistics (instance, batch), then normalize + gate + write y.
+// Backward: sums of g_z and g_z * xhat per group (instance, batch, running), then grad_x; z and
+// g_z are recomputed from x, the statistics and grad_y in each pass.
+//
+// Work is split into tiles of T voxels of one sample, in contiguous chunks of tiles, one per
+// thread. The buffered passes load a tile of every channel into a channel-major buffer
+// [C][T] of opmath_t (float for float/bfloat16/half), normalizing on the way, whatever the memory
+// layout (channels-last tiles are transposed in 4 x 4 SSE blocks), so that every arithmetic
+// loop runs over contiguous rows and vectorises; float activations use exp/tanh polynomials
+// written for that. Sums are taken in double, per chunk, and merged after the parallel loop;
+// variances use sums of x - shift, shift = one value of the group per channel, so a large
+// common offset does not cancel.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
