@@ -110,6 +110,27 @@ def test_matches_reference(normalization, training, layout, dtype):
     compare(native, reference, RTOL[dtype])
 
 
+@pytest.fixture
+def threads(request):
+    """Run the test with ``request.param`` intra-op threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("threads", [2, 3], indirect=True)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("normalization,training", MODES, ids=MODE_IDS)
+def test_parallel_chunks(normalization, training, layout, threads):
+    """An input large enough for one task per thread; chunks of tiles cross sample boundaries."""
+    spec = TYPICAL
+    x = voxel_input(spec, (3, 12, 10, 9), layout=layout, offset=0.5)
+    params = make_parameters(spec, normalization)
+    compare(run("cpu", x, spec, params, normalization, training),
+            run("reference", x, spec, params, normalization, training), RTOL[torch.float32])
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("normalization,training", MODES, ids=MODE_IDS)
 def test_grad_output_in_other_memory_format(normalization, training, layout):

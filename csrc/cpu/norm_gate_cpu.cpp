@@ -68,6 +68,8 @@ constexpr int64_t kTileAlign = 16;
 constexpr int64_t kMaxTile = 512;
 constexpr int64_t kStreamTile = 4096;
 constexpr int64_t kCacheLine = 64;
+// Values (voxels times channels) below which a parallel task does not pay for itself.
+constexpr int64_t kMinTaskValues = 32768;
 
 // ------------------------------------------------------------------------------------------
 // Tables
@@ -344,17 +346,19 @@ void store_tile(const opmath_t* buffer, int64_t stride, const Voxels<scalar_t>& 
 struct Tiling {
   int64_t batch, voxels, size, tiles_per_sample, num_tiles, num_chunks;
 
-  Tiling(int64_t batch_, int64_t voxels_, int64_t max_size) : batch(batch_), voxels(voxels_) {
+  // `channels` values per voxel; small inputs run on the calling thread alone.
+  Tiling(int64_t batch_, int64_t voxels_, int64_t channels, int64_t max_size) : batch(batch_), voxels(voxels_) {
     size = std::max<int64_t>(1, std::min(max_size, voxels));
     tiles_per_sample = (voxels + size - 1) / size;
     num_tiles = batch * tiles_per_sample;
-    num_chunks = std::min<int64_t>(num_tiles, at::get_num_threads());
+    const int64_t worth_a_task = (batch * voxels * channels + kMinTaskValues - 1) / kMinTaskValues;
+    num_chunks = std::min({num_tiles, static_cast<int64_t>(at::get_num_threads()), worth_a_task});
   }
 
   // Tiles whose [channels][size] float buffers stay in cache.
   static Tiling buffered(int64_t batch, int64_t voxels, int64_t widest_channels) {
     const int64_t fit = kTileValues / std::max<int64_t>(1, widest_channels) / kTileAlign * kTileAlign;
-    return Tiling(batch, voxels, std::min(std::max(kTileAlign, fit), kMaxTile));
+    return Tiling(batch, voxels, widest_channels, std::min(std::max(kTileAlign, fit), kMaxTile));
   }
 
   // Row stride of [channels][size] buffers of `element_size` bytes: an odd number of cache
@@ -635,7 +639,7 @@ template <typename scalar_t>
 std::vector<double> shifted_moments(const Voxels<const scalar_t>& x, int64_t mode, int64_t groups,
                                     const std::vector<double>& shift) {
   const int64_t channels = x.channels;
-  const Tiling tiling(x.batch, x.voxels, kStreamTile);
+  const Tiling tiling(x.batch, x.voxels, channels, kStreamTile);
   const size_t slice = groups * 2 * channels;
   std::vector<double> partial(tiling.num_chunks * slice, 0.0);
   tiling.for_each_chunk([&](int64_t chunk, int64_t first, int64_t end) {
