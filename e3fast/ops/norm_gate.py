@@ -23,9 +23,9 @@ of storing intermediates. With ``z = hat x`` before the affine and ``g = dL/d ha
 
 .. math::
     \\partial x = \\gamma (\\sigma^2 + \\epsilon)^{-1/2} \\big(g - [\\text{scalar}]\\langle g \\rangle
-    - z \\langle g z \\rangle \\delta_f / d_f \\big)
+    - z \\langle g z \\rangle d_f / \\delta_f \\big)
 
-(the two means over the statistics' reduction set), ``d gamma = sum g z``, ``d beta = sum g``.
+(the two means over the ``N d_f`` values of a statistics group), ``d gamma = sum g z``, ``d beta = sum g``.
 """
 from __future__ import annotations
 
@@ -93,13 +93,11 @@ def norm_gate_reference(x, spec: NormGateSpec, weight, bias, running_mean, runni
     """Pure-PyTorch norm + gate. Returns ``(y, mean [B|1, S], var [B|1, F])``."""
     dtype = _opmath(x.dtype)
     batch, channels = x.shape[:2]
-    flat = x.to(dtype).reshape(batch, channels, -1)
+    flat = x.to(dtype).reshape(batch, channels, x.shape[2:].numel())
     normalized, means, variances = [], [], []
     start = scalar = field = 0
     for mul, d, is_scalar in spec.channels_in.entries:
-        if mul == 0:
-            continue
-        values = flat[:, start:start + mul * d].reshape(batch, mul, d, -1)
+        values = flat[:, start:start + mul * d].reshape(batch, mul, d, flat.shape[-1])
         if mode != MODE_NONE:
             if is_scalar:
                 if mode == MODE_INSTANCE:
@@ -125,12 +123,12 @@ def norm_gate_reference(x, spec: NormGateSpec, weight, bias, running_mean, runni
             values = values * scale[:, :, None, None]
             if bias is not None and is_scalar:
                 values = values + bias[scalar - mul:scalar].to(dtype)[None, :, None, None]
-        normalized.append(values.reshape(batch, mul * d, -1))
+        normalized.append(values.reshape(batch, mul * d, flat.shape[-1]))
         start += mul * d
         field += mul
     normalized = torch.cat(normalized, dim=1) if normalized else flat
     y = _apply_gate(normalized, spec)
-    y = y.reshape(batch, -1, *x.shape[2:]).to(x.dtype).contiguous(memory_format=_memory_format(x))
+    y = y.reshape(batch, spec.irreps_out.dim, *x.shape[2:]).to(x.dtype).contiguous(memory_format=_memory_format(x))
     stats_batch = batch if mode == MODE_INSTANCE else 1
     mean = torch.cat(means, dim=1) if means else flat.new_zeros(stats_batch, 0)
     var = torch.cat(variances, dim=1) if variances else flat.new_zeros(stats_batch, 0)
@@ -235,8 +233,8 @@ def _register_native() -> None:
     @torch.library.register_fake("e3fast::norm_gate_backward")
     def _(grad_y, x, weight, bias, mean, var, fields, gates, act_scales, mode, eps):
         stats_dtype = _opmath(x.dtype)
-        return (torch.empty_like(x), x.new_empty(fields.shape[0], dtype=stats_dtype),
-                x.new_empty(mean.shape[1], dtype=stats_dtype))
+        grad_x = torch.empty_like(x, memory_format=_memory_format(x))
+        return grad_x, x.new_empty(fields.shape[0], dtype=stats_dtype), x.new_empty(mean.shape[1], dtype=stats_dtype)
 
     def setup_context(ctx, inputs, output):
         x, weight, bias, running_mean, running_var, fields, gates, act_scales, _, mode, eps = inputs
