@@ -52,6 +52,7 @@ class NormGateSpec:
         self.irreps_out: o3.Irreps = layout.irreps_out
         self.irrep_normalization = irrep_normalization
         self.channels_in = irreps_channels(self.irreps_in)
+        self.channels_out = irreps_channels(self.irreps_out)
         self.gate_is_identity = layout.is_identity
         self.fields = irrep_fields(self.irreps_in)
         self.num_fields = len(self.fields)
@@ -128,7 +129,7 @@ def norm_gate_reference(x, spec: NormGateSpec, weight, bias, running_mean, runni
         field += mul
     normalized = torch.cat(normalized, dim=1) if normalized else flat
     y = _apply_gate(normalized, spec)
-    y = y.reshape(batch, spec.irreps_out.dim, *x.shape[2:]).to(x.dtype).contiguous(memory_format=_memory_format(x))
+    y = y.reshape(batch, spec.channels_out.dim, *x.shape[2:]).to(x.dtype).contiguous(memory_format=_memory_format(x))
     stats_batch = batch if mode == MODE_INSTANCE else 1
     mean = torch.cat(means, dim=1) if means else flat.new_zeros(stats_batch, 0)
     var = torch.cat(variances, dim=1) if variances else flat.new_zeros(stats_batch, 0)
