@@ -1,0 +1,90 @@
+"""pytest-benchmark settings of the e3fast benchmarks (not part of the test suite in tests/).
+
+Environment:
+
+* ``E3FAST_BENCH_SIZE``: edge of the cubic volumes (default 64; e.g. 16 for a smoke test).
+* ``E3FAST_BENCH_THREADS``: torch intra-op threads (default: torch's choice).
+
+Every benchmark records in ``extra_info``: ``impl`` (e3fast / e3nn / plain), ``label``,
+``backend``, ``memory_format``, ``baseline`` (the role a comparison row plays, if any) and the
+peak memory of one call (:func:`measure`).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+import e3fast
+from e3fast.backends import select_backend
+from e3fast.testing.memory import peak_memory_bytes, tensor_bytes
+from bench_machine import cpu_model, software_versions, today, usable_cores
+
+DEFAULT_SIZE = 64
+
+
+def bench_size() -> int:
+    """Edge length of the benchmark volumes (``E3FAST_BENCH_SIZE``)."""
+    value = os.environ.get("E3FAST_BENCH_SIZE", str(DEFAULT_SIZE))
+    try:
+        size = int(value)
+    except ValueError:
+        raise pytest.UsageError(f"E3FAST_BENCH_SIZE must be an integer, got {value!r}") from None
+    if size < 8 or size % 8:
+        raise pytest.UsageError(f"E3FAST_BENCH_SIZE must be a multiple of 8 (3 poolings), got {size}")
+    return size
+
+
+def automatic_backend(device: str = "cpu") -> str:
+    """The backend e3fast picks by itself for the fused ops on ``device`` (norm_gate's choice)."""
+    norm_gate_module = importlib.import_module("e3fast.ops.norm_gate")  # the package exports the function
+    return select_backend(torch.device(device), "norm_gate", norm_gate_module.IMPLEMENTED)
+
+
+def pytest_configure(config):
+    threads = os.environ.get("E3FAST_BENCH_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["e3fast_bench"] = {
+        "cpu_model": cpu_model(),
+        "cores": usable_cores(),
+        "torch_threads": torch.get_num_threads(),
+        "size": bench_size(),
+        "backends_cpu": e3fast.available_backends("cpu"),
+        "date": today(),
+        **software_versions(),
+    }
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def measure(benchmark):
+    """``measure(fn, group=..., impl=..., label=..., resident=callable, **info)``.
+
+    Times ``fn`` with pytest-benchmark, then measures the peak memory of one more call
+    (:func:`e3fast.testing.memory.peak_memory_bytes`). ``resident()`` lists the tensors held
+    across calls (parameters, optimizer state, inputs); their bytes are added to the peak above
+    the call's start to give ``peak_memory_bytes``.
+    """
+
+    def run(fn, *, group: str, impl: str, label: str, resident=lambda: (), backend: str = "-",
+            memory_format: str = "-", baseline: str | None = None):
+        benchmark.group = group
+        benchmark.extra_info.update(impl=impl, label=label, backend=backend, memory_format=memory_format,
+                                    baseline=baseline)
+        benchmark(fn)
+        peak_above_start = peak_memory_bytes(fn, "cpu")
+        resident_bytes = tensor_bytes(resident())
+        benchmark.extra_info.update(peak_above_start_bytes=peak_above_start, resident_bytes=resident_bytes,
+                                    peak_memory_bytes=peak_above_start + resident_bytes)
+
+    return run
