@@ -33,7 +33,7 @@ $(VENV_PYTHON):
 $(INSTALLED): $(VENV_PYTHON) setup.py $(NATIVE_SOURCES)
 	$(VENV_PYTHON) -m pip install $(PIP_FLAGS) "setuptools>=64" wheel ninja
 	$(VENV_PYTHON) -m pip install $(PIP_FLAGS) $(TORCH_SPEC)
-	$(VENV_PYTHON) -m pip install $(PIP_FLAGS) --no-build-isolation -e ".[test]"
+	$(VENV_PYTHON) -m pip install $(PIP_FLAGS) --no-build-isolation --use-pep517 -e ".[test]"
 	touch $@
 
 clean:
