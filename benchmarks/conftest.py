@@ -11,36 +11,15 @@ peak memory of one call (:func:`measure`).
 """
 from __future__ import annotations
 
-import importlib
 import os
 
 import pytest
 import torch
 
 import e3fast
-from e3fast.backends import select_backend
 from e3fast.testing.memory import peak_memory_bytes, tensor_bytes
 from bench_machine import cpu_model, software_versions, today, usable_cores
-
-DEFAULT_SIZE = 64
-
-
-def bench_size() -> int:
-    """Edge length of the benchmark volumes (``E3FAST_BENCH_SIZE``)."""
-    value = os.environ.get("E3FAST_BENCH_SIZE", str(DEFAULT_SIZE))
-    try:
-        size = int(value)
-    except ValueError:
-        raise pytest.UsageError(f"E3FAST_BENCH_SIZE must be an integer, got {value!r}") from None
-    if size < 8 or size % 8:
-        raise pytest.UsageError(f"E3FAST_BENCH_SIZE must be a multiple of 8 (3 poolings), got {size}")
-    return size
-
-
-def automatic_backend(device: str = "cpu") -> str:
-    """The backend e3fast picks by itself for the fused ops on ``device`` (norm_gate's choice)."""
-    norm_gate_module = importlib.import_module("e3fast.ops.norm_gate")  # the package exports the function
-    return select_backend(torch.device(device), "norm_gate", norm_gate_module.IMPLEMENTED)
+from bench_settings import automatic_backend, bench_size
 
 
 def pytest_configure(config):
@@ -56,6 +35,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "torch_threads": torch.get_num_threads(),
         "size": bench_size(),
         "backends_cpu": e3fast.available_backends("cpu"),
+        "backend_auto_cpu": automatic_backend("cpu"),
         "date": today(),
         **software_versions(),
     }

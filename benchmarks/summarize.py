@@ -116,7 +116,9 @@ def machine_lines(data: dict) -> list[str]:
     if commit.get("id"):
         lines.append(f"- Commit: {commit['id'][:12]}{' (with uncommitted changes)' if commit.get('dirty') else ''}")
     if "size" in info:
-        lines.append(f"- Volume edge: {info['size']} voxels; e3fast CPU backends: {', '.join(info.get('backends_cpu', []))}")
+        backends = ", ".join(info.get("backends_cpu", []))
+        lines.append(f"- Volume edge: {info['size']} voxels; e3fast CPU backends: {backends} "
+                     f"(automatic choice: {info.get('backend_auto_cpu', '?')})")
     return lines
 
 

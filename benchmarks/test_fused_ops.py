@@ -23,7 +23,7 @@ from e3nn import o3
 from e3nn.nn import BatchNorm, Gate
 
 import e3fast
-from conftest import bench_size
+from bench_settings import bench_size
 from e3fast.nn import VoxelConvolution
 from e3fast.ops import NormGateSpec, assemble_kernel, norm_gate, norm_max_pool3d
 from e3fast.testing import e3nn_reference

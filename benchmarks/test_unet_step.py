@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import automatic_backend, bench_size
+from bench_settings import automatic_backend, bench_size
 from e3fast.models import EquivariantUNet, PlainUNet
 from e3fast.testing import e3nn_reference
 from e3fast.testing.memory import module_state_tensors
