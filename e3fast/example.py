@@ -4,9 +4,16 @@ The task: a random smooth scalar volume (Gaussian-filtered noise) whose voxels a
 intensity quartile, so the labels are a rotation-equivariant function of the input and the
 network visibly learns them in a few steps. After training, the input is rotated by 90 degrees
 (``torch.rot90`` on two spatial axes); an equivariant network's output rotates with it.
+
+The check runs in float32 and, with the same weights, in float64. The float32 error of a trained
+network can reach ~1e-3 (seen here after 20 steps; the same weights give that error on the
+reference backend too): rounding differences between the two passes grow through the trained
+layers (norm max pooling, for one, can pick another vector when two norms nearly tie). In float64
+the error falls to ~1e-7, the floor set by buffers computed in float32; that is the verdict.
 """
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import time
@@ -19,7 +26,7 @@ import torch.nn.functional as F
 from e3fast.models import EquivariantUNet
 
 NUM_CLASSES = 4
-EQUIVARIANCE_TOLERANCE = 1e-4  # float32 end to end; an untrained network shows about 5e-6
+EQUIVARIANCE_TOLERANCE = 1e-5  # float64 relative error; exact equivariance leaves about 1e-7
 
 
 @dataclass
@@ -36,7 +43,12 @@ class ExampleResult:
     losses: list[float]
     accuracies: list[float]
     steps_per_second: float
-    equivariance_error: float
+    equivariance_error_float32: float
+    equivariance_error_float64: float
+
+    @property
+    def is_equivariant(self) -> bool:
+        return self.equivariance_error_float64 < EQUIVARIANCE_TOLERANCE
 
 
 def smooth_random_volume(size: int, generator: torch.Generator, correlation: float = 3.0) -> torch.Tensor:
@@ -121,8 +133,11 @@ def run_example(config: ExampleConfig, out: TextIO = sys.stdout) -> ExampleResul
            f"({NUM_CLASSES} classes); device {config.device}, {torch.get_num_threads()} CPU threads")
     losses, accuracies, steps_per_second = train(model.train(), x, labels, config, report)
     report(f"{config.steps} steps, {steps_per_second:.2f} steps/s; loss {losses[0]:.4f} -> {losses[-1]:.4f}")
-    error = rotation_equivariance_error(model.eval(), x)
-    verdict = "equivariant to float precision" if error < EQUIVARIANCE_TOLERANCE else "NOT equivariant"
-    report(f"rotation equivariance: input rotated 90 degrees in the (x, y) plane, "
-           f"relative error of the rotated output {error:.2e} ({verdict})")
-    return ExampleResult(losses, accuracies, steps_per_second, error)
+    model.eval()
+    error32 = rotation_equivariance_error(model, x)
+    error64 = rotation_equivariance_error(copy.deepcopy(model).double(), x.double())
+    result = ExampleResult(losses, accuracies, steps_per_second, error32, error64)
+    verdict = "equivariant up to rounding" if result.is_equivariant else "NOT equivariant"
+    report(f"rotation equivariance (input rotated 90 degrees in the x-y plane): relative error of the output "
+           f"{error32:.1e} in float32, {error64:.1e} with the same weights in float64 -> {verdict}")
+    return result
