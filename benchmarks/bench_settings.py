@@ -19,8 +19,9 @@ def bench_size() -> int:
         size = int(value)
     except ValueError:
         raise pytest.UsageError(f"E3FAST_BENCH_SIZE must be an integer, got {value!r}") from None
-    if size < 8 or size % 8:
-        raise pytest.UsageError(f"E3FAST_BENCH_SIZE must be a multiple of 8 (3 poolings), got {size}")
+    if size < 16 or size % 8:
+        raise pytest.UsageError("E3FAST_BENCH_SIZE must be a multiple of 8 (3 poolings) and at least 16 "
+                                f"(instance norm needs more than one voxel at the bottom), got {size}")
     return size
 
 

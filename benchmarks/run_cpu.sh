@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Run the e3fast CPU benchmarks and write benchmarks/results/<machine-slug>-<date>.{json,md}.
 #
-# Settings: every benchmark gets at least 3 timed rounds and up to 2 s of rounds (fast ops get
-# many); pytest-benchmark's first, calibration call serves as the warm-up and is not timed; the
-# garbage collector is off while timing. About 10-15 minutes on 2 cores at the default size.
+# Settings: the whole-network benchmarks run one warm-up call, then exactly 3 timed rounds; the
+# op benchmarks are calibrated by pytest-benchmark (its first call is the warm-up) and get as many
+# rounds as fit in 2 s, at least 3. The garbage collector is off while timing. Each benchmark
+# then makes one more call under the profiler for its peak memory. Expect 10-15 minutes on a quiet
+# 2-core machine at the default size.
 #
 # Environment: PYTHON (default: python), E3FAST_BENCH_SIZE (default 64), E3FAST_BENCH_THREADS,
 # E3FAST_BENCH_ROUNDS (default 3), E3FAST_BENCH_MAX_TIME (seconds, default 2),

@@ -123,7 +123,7 @@ def machine_lines(data: dict) -> list[str]:
 
 
 LEGEND = """\
-Times are pytest-benchmark means over the rounds shown (the first, calibration call is not counted).
+Times are pytest-benchmark means over the rounds shown (warm-up and calibration calls not counted).
 Speed-up: baseline mean / this mean (above 1: faster). Memory: this peak / baseline peak (below 1:
 leaner). Peak MiB = tensors held across calls (parameters, optimizer state, inputs) + transient
 MiB, the peak that torch's CPU allocator reached above that during one call, summed from the

@@ -81,7 +81,7 @@ def test_train_step(measure, name):
         optimizer.zero_grad(set_to_none=True)
 
     measure(step, group=f"unet train step 1x1x{SIZE}^3", impl=impl, label=label, backend=_backend(impl),
-            memory_format=memory_format, baseline=baseline,
+            memory_format=memory_format, baseline=baseline, slow=True,
             resident=lambda: [*module_state_tensors(model, optimizer), x, labels])
 
 
@@ -96,5 +96,5 @@ def test_inference(measure, name):
             model(x)
 
     measure(infer, group=f"unet inference 1x1x{SIZE}^3", impl=impl, label=label, backend=_backend(impl),
-            memory_format=memory_format, baseline=baseline,
+            memory_format=memory_format, baseline=baseline, slow=True,
             resident=lambda: [*module_state_tensors(model), x])
