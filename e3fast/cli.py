@@ -69,16 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
     example.set_defaults(handler=run_example_command)
 
     bench = commands.add_parser("bench", help="run the CPU benchmarks of a source checkout",
-                                description="Runs benchmarks/run_cpu.sh; results go to benchmarks/results/.")
+                                description="Runs benchmarks/run_cpu.sh; results go to benchmarks/results/. "
+                                "Other arguments go to pytest, e.g. `e3fast bench --size 16 -k unet`.")
     bench.add_argument("--size", type=int, help="edge of the benchmark volumes (default 64)")
-    bench.add_argument("pytest_args", nargs=argparse.REMAINDER,
-                       help="arguments passed on to pytest, e.g. -k unet")
-    bench.set_defaults(handler=run_bench_command)
+    bench.set_defaults(handler=run_bench_command, accepts_extra_arguments=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_extra_arguments", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.pytest_args = extra
     return args.handler(args)
 
 

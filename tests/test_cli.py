@@ -44,3 +44,16 @@ def test_a_command_is_required(capsys):
     with pytest.raises(SystemExit):
         cli.main([])
     assert "required: COMMAND" in capsys.readouterr().err
+
+
+def test_bench_passes_unknown_arguments_to_pytest(monkeypatch, tmp_path):
+    script = tmp_path / "run_cpu.sh"
+    script.write_text("#!/usr/bin/env bash\necho \"$E3FAST_BENCH_SIZE $*\" > \"$(dirname \"$0\")/called\"\n")
+    monkeypatch.setattr(cli, "BENCH_SCRIPT", script)
+    assert cli.main(["bench", "--size", "16", "-k", "unet"]) == 0
+    assert (tmp_path / "called").read_text() == "16 -k unet\n"
+
+
+def test_other_commands_refuse_unknown_arguments():
+    with pytest.raises(SystemExit):
+        cli.main(["example", "--no-such-flag"])
