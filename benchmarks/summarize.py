@@ -81,7 +81,7 @@ def format_bytes(nbytes: int | None) -> str:
 def ratio(numerator: float | None, denominator: float | None) -> str:
     if numerator is None or not denominator:
         return "-"
-    return f"{numerator / denominator:.2f}x"
+    return f"{numerator / denominator:.3g}x"
 
 
 TABLE_HEADER = ("| implementation | backend | memory format | mean | stddev | rounds | speed-up vs e3nn "
