@@ -81,7 +81,8 @@ def format_bytes(nbytes: int | None) -> str:
 def ratio(numerator: float | None, denominator: float | None) -> str:
     if numerator is None or not denominator:
         return "-"
-    return f"{numerator / denominator:.3g}x"
+    value = numerator / denominator
+    return f"{value:.2f}x" if value >= 0.1 else f"{value:.2g}x"
 
 
 TABLE_HEADER = ("| implementation | backend | memory format | mean | stddev | rounds | speed-up vs e3nn "
