@@ -66,7 +66,7 @@ setup(
     packages=find_packages(include=["e3fast", "e3fast.*"]),
     install_requires=["torch>=2.4", "e3nn>=0.5.1", "numpy"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton"],
         "triton": ["triton"],
     },
     entry_points={"console_scripts": ["e3fast=e3fast.cli:main"]},
