@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import e3fast
-from conftest import FAST_BACKENDS, assert_relative, relative_error
+from conftest import FAST_BACKENDS, assert_relative
 from e3fast.models import EquivariantUNet
 from e3fast.testing.e3nn_reference import UNet as E3nnUNet
 
@@ -50,13 +50,20 @@ def test_unet_compiles_with_full_graph(backend):
         assert_relative(grad, expected_grad, 1e-4, "compiled U-Net gradient")
 
 
+def _frobenius_error(actual, expected):
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_unet_under_bf16_autocast(backend):
-    """bf16 error at most twice that of the e3nn composition under the same autocast (flash-attention's rule)."""
-    reference = E3nnUNet("1x0e", "3x0e", 5.0, 3, (1.0, 1.0, 1.0), n=1, n_downsample=2)
-    model = EquivariantUNet("1x0e", "3x0e", 5.0, 3, (1.0, 1.0, 1.0), n=1, n_downsample=2)
+    """bf16 error at most twice that of the e3nn composition under the same autocast (flash-attention's
+    rule). Average pooling: with max pooling, bf16 noise flips window choices and the error of both
+    networks is dominated by which voxels flip, not by the arithmetic."""
+    options = dict(n=1, n_downsample=1, down_op="average")
+    reference = E3nnUNet("1x0e", "3x0e", 5.0, 3, (1.0, 1.0, 1.0), **options)
+    model = EquivariantUNet("1x0e", "3x0e", 5.0, 3, (1.0, 1.0, 1.0), **options)
     model.load_state_dict(reference.state_dict())
-    x = torch.randn(2, 1, 8, 8, 8)
+    x = torch.randn(2, 1, 12, 12, 12)
     expected = reference(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         reference_bf16 = reference(x)
@@ -65,8 +72,8 @@ def test_unet_under_bf16_autocast(backend):
             out = model(x)
             out.float().square().mean().backward()
     assert out.dtype == torch.bfloat16
-    allowed = 2 * relative_error(reference_bf16.float(), expected) + 1e-3
-    assert_relative(out.float(), expected, allowed, "bf16 autocast output")
+    error, reference_error = _frobenius_error(out, expected), _frobenius_error(reference_bf16, expected)
+    assert 0 < error <= 2 * reference_error, f"bf16 error {error:.3g} vs e3nn's {reference_error:.3g}"
     assert all(torch.isfinite(p.grad).all() and p.grad.dtype == torch.float32 for p in model.parameters())
 
 

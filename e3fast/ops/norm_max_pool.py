@@ -81,11 +81,13 @@ def norm_max_pool3d_reference(x, irreps, kernel_size, stride) -> torch.Tensor:
     return torch.cat(outputs, dim=1)
 
 
-def norm_max_pool3d(x: torch.Tensor, irreps, kernel_size, stride=None) -> torch.Tensor:
+def norm_max_pool3d(x: torch.Tensor, irreps, kernel_size, stride=None,
+                    fields: torch.Tensor | None = None) -> torch.Tensor:
     """Norm-based max pooling of ``[B, irreps.dim, x, y, z]`` (see the module docstring).
 
     ``irreps``: an irreps specification, or its :class:`~e3fast.irreps_layout.IrrepsChannels`
-    (what modules pass, so that ``torch.compile`` need not look at e3nn objects).
+    (what modules pass, so that ``torch.compile`` need not look at e3nn objects). ``fields``: the
+    field table on ``x``'s device (:func:`~e3fast.irreps_layout.field_table`), if the caller keeps one.
     """
     if not isinstance(irreps, IrrepsChannels):
         irreps = irreps_channels(irreps)
@@ -97,7 +99,8 @@ def norm_max_pool3d(x: torch.Tensor, irreps, kernel_size, stride=None) -> torch.
     backend = backends.select_backend(x.device, "norm_max_pool3d", IMPLEMENTED)
     if backend == "reference":
         return norm_max_pool3d_reference(x, irreps, kernel_size, stride)
-    fields = _field_table(irreps.text, x.device)
+    if fields is None:
+        fields = _field_table(irreps.text, x.device)
     y, _ = torch.ops.e3fast.norm_max_pool3d(x, fields, list(kernel_size), list(stride))
     return y
 
