@@ -14,6 +14,7 @@ from e3fast.backends import backend_usable
 from e3fast.ops import assemble_kernel, assemble_kernel_reference
 from e3fast.steerable_basis import SteerableKernelBasis, voxel_convolution_basis
 
+import strategies
 from conftest import RTOL, assert_relative
 
 pytestmark = pytest.mark.skipif(not backend_usable("cpu", "cpu"),
@@ -28,10 +29,7 @@ BF16_RTOL = 2e-2
 
 
 def random_irreps(max_entries: int = 3):
-    entry = st.tuples(st.integers(0, 5), st.sampled_from(IRREP_CHOICES))
-    return (st.lists(entry, min_size=1, max_size=max_entries)
-            .map(lambda entries: o3.Irreps([(mul, ir) for mul, ir in entries]))
-            .filter(lambda irreps: irreps.dim >= 1))
+    return strategies.irreps(IRREP_CHOICES, max_entries=max_entries)
 
 
 def make_basis(irreps_in=IRREPS_IN, irreps_out=IRREPS_OUT, steps=(1.0, 1.0, 1.0), irreps_sh=IRREPS_SH,

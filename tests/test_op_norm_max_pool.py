@@ -12,6 +12,7 @@ from e3fast.backends import backend_usable
 from e3fast.irreps_layout import field_table
 from e3fast.ops import norm_max_pool3d, norm_max_pool3d_reference
 
+import strategies
 from conftest import LAYOUTS, RTOL, assert_relative, to_layout
 
 pytestmark = pytest.mark.skipif(not backend_usable("cpu", "cpu"),
@@ -27,10 +28,7 @@ BF16_RTOL = 2e-2
 
 
 def random_irreps(max_entries: int = 3):
-    entry = st.tuples(st.integers(0, 5), st.sampled_from(IRREP_CHOICES))
-    return (st.lists(entry, min_size=1, max_size=max_entries)
-            .map(lambda entries: o3.Irreps([(mul, ir) for mul, ir in entries]))
-            .filter(lambda irreps: irreps.dim >= 1))
+    return strategies.irreps(IRREP_CHOICES, max_entries=max_entries)
 
 
 def pool_and_grad(backend, x, irreps, kernel_size, stride, grad_y):
