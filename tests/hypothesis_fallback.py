@@ -98,10 +98,16 @@ def composite(function):
     return lambda *args, **kwargs: INERT
 
 
+def _inert_attribute(name: str) -> _Inert:
+    if name.startswith("__"):  # e.g. __file__, looked up by inspect on every module
+        raise AttributeError(name)
+    return INERT
+
+
 def _module(name: str, attributes: dict) -> types.ModuleType:
     module = types.ModuleType(name, __doc__)
     module.__dict__.update(attributes)
-    module.__getattr__ = lambda attribute: INERT  # PEP 562: names not listed are inert
+    module.__getattr__ = _inert_attribute  # PEP 562: names not listed are inert
     return module
 
 
