@@ -16,8 +16,9 @@ the e3nn reference composition and the plain U-Net eager and compiled, in fp32 a
 Never hangs, never loses results: the measurements run in a worker process under a supervisor
 (this script without ``--worker``). The worker stops starting cases at the deadline (the op
 cases get ``--ops-share`` of the budget); the supervisor kills it shortly after the deadline if
-it is still busy. A fatal device error (an illegal memory access leaves the CUDA context
-unusable) ends the worker: the supervisor starts a new one, which resumes after the failed case
+it is still busy, or as soon as one case runs past its timeout (a hung kernel). A fatal device
+error (an illegal memory access leaves the CUDA context unusable) ends the worker. After a fatal
+error, a crash or a hang the supervisor starts a new worker, which resumes after the failed case
 and skips the cases needing the same backend and op.
 """
 from __future__ import annotations
@@ -39,6 +40,7 @@ EXIT_NO_DEVICE = 2
 EXIT_FATAL_DEVICE_ERROR = 3
 MAX_WORKERS = 4  # the first worker and up to three restarts after fatal device errors
 KILL_GRACE_SECONDS = 10  # how long past the deadline a busy worker may finish its case
+WATCH_INTERVAL_SECONDS = 1.0
 MIN_WORKER_SECONDS = 15  # no restart with less time than this left
 FATAL_ERROR_MARKERS = ("illegal memory access", "device-side assert", "unspecified launch failure",
                        "misaligned address", "illegal instruction", "CUDA error: an illegal",
@@ -88,17 +90,37 @@ def _worker_command(args, deadline: float, ops_deadline: float) -> list[str]:
     return command
 
 
-def _run_worker(command: list[str], seconds: float) -> int | None:
-    """The worker's exit code, or None if it had to be killed at the deadline."""
+def _read_results(path: Path) -> ResultsFile | None:
     try:
-        return subprocess.run(command, timeout=seconds).returncode
-    except subprocess.TimeoutExpired:
+        return ResultsFile(path)
+    except (OSError, ValueError):  # not written yet
         return None
 
 
-def _interruption(exit_code: int | None) -> str:
-    if exit_code is None:
-        return "killed at the deadline while running it"
+def _run_worker(command: list[str], path: Path, deadline: float) -> tuple[int | None, str | None]:
+    """Run a worker; kill it at ``deadline + KILL_GRACE_SECONDS`` or when its case runs past the
+    case's timeout. Returns ``(exit code, None)`` or ``(None, why it was killed)``."""
+    worker = subprocess.Popen(command)
+    while worker.poll() is None:
+        time.sleep(WATCH_INTERVAL_SECONDS)
+        killed_because = None
+        if time.time() > deadline + KILL_GRACE_SECONDS:
+            killed_because = "killed at the deadline while running it"
+        else:
+            results = _read_results(path)
+            overdue = results.overdue_case(time.time()) if results else None
+            if overdue:
+                killed_because = f"killed: still running after {overdue[1]:.0f} s (hung?)"
+        if killed_because:
+            worker.kill()
+            worker.wait()
+            return None, killed_because
+    return worker.returncode, None
+
+
+def _interruption(exit_code: int | None, killed_because: str | None) -> str:
+    if killed_because:
+        return killed_because
     if exit_code == EXIT_FATAL_DEVICE_ERROR:
         return "fatal device error"
     return f"the worker died (exit code {exit_code})"
@@ -115,12 +137,11 @@ def supervise(args) -> int:
     deadline, ops_deadline = start + args.budget, start + args.ops_share * args.budget
     stop_reason = "restarts exhausted"
     for _ in range(MAX_WORKERS):
-        seconds_left = deadline - time.time()
-        if seconds_left < MIN_WORKER_SECONDS:
+        if deadline - time.time() < MIN_WORKER_SECONDS:
             stop_reason = "deadline"
             break
         began, recorded = time.time(), len(ResultsFile(path).data["results"])
-        exit_code = _run_worker(_worker_command(args, deadline, ops_deadline), seconds_left + KILL_GRACE_SECONDS)
+        exit_code, killed_because = _run_worker(_worker_command(args, deadline, ops_deadline), path, deadline)
         results = ResultsFile(path)
         results.note_attempt(exit_code, time.time() - began)
         if exit_code == 0:
@@ -128,10 +149,11 @@ def supervise(args) -> int:
             stop_reason = None
             break
         had_case_in_progress = results.data.get("in_progress") is not None
-        results.settle_interrupted(_interruption(exit_code))
+        why = _interruption(exit_code, killed_because)
+        results.settle_interrupted(why, "killed" if killed_because else "crashed")
         results.save()
-        print(f"gpu_bench: worker ended: {_interruption(exit_code)}", flush=True)
-        if exit_code is None:
+        print(f"gpu_bench: worker ended: {why}", flush=True)
+        if time.time() > deadline:
             stop_reason = "deadline"
             break
         if exit_code == EXIT_NO_DEVICE:
@@ -211,7 +233,7 @@ def _release_memory(device) -> None:
 def _skip_reason(case, results: ResultsFile, deadline_of) -> str | None:
     broken = results.poisoned_need(case.needs)
     if broken:
-        return f"skipped: an earlier fatal device error broke {broken}"
+        return f"skipped: an earlier fatal device error, crash or hang broke {broken}"
     seconds_left = deadline_of(case.section) - time.monotonic()
     if seconds_left < case.min_seconds:
         return f"no time left in the {case.section} budget ({seconds_left:.0f} s left, {case.min_seconds:.0f} s needed)"
@@ -223,7 +245,7 @@ def _summary_line(case_id: str, outcome: dict) -> str:
         return f"  {outcome.get('status')}: {outcome.get('reason') or outcome.get('error')}"[:400]
     extras = [f"median {outcome['median_ms']:.3f} ms" if outcome.get("median_ms") else "no timed repetition"]
     if outcome.get("gbps"):
-        extras.append(f"{outcome['gbps']:.0f} GB/s")
+        extras.append(f"{outcome['gbps']:.3g} GB/s")
     for key in ("max_rel_err_vs_reference", "rel_err_vs_e3nn"):
         if outcome.get(key) is not None:
             extras.append(f"{key} {outcome[key]:.2g}")
@@ -242,6 +264,7 @@ def run_plan(plan, results: ResultsFile, deadline_of, device) -> int:
         reason = _skip_reason(case, results, deadline_of)
         if reason:
             results.record(case.id, {"status": "skipped", "reason": reason})
+            print(f"[{time.monotonic() - began:6.1f} s] {case.id}: {reason}", flush=True)
             continue
         print(f"[{time.monotonic() - began:6.1f} s] {case.id}", flush=True)
         results.start(case.id)

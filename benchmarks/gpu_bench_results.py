@@ -7,14 +7,15 @@ cases already recorded, and the cases that need something an earlier fatal devic
 every planned case that never ran. No torch here: the supervisor must not need a GPU to report.
 
 Layout: ``machine``, ``settings``, ``backends``, ``plan`` (case id -> section, parameters and
-needs, in run order), ``results`` (case id -> record: ``status`` -- ok, error, oom, unsupported, skipped,
-crashed -- and what was measured), ``in_progress``, ``poisoned``, ``attempts``, ``finished``,
-``stop_reason``.
+needs and timeout, in run order), ``results`` (case id -> record: ``status`` -- ok, incomplete, error,
+oom, unsupported, skipped, crashed, killed -- and what was measured), ``in_progress`` and
+``in_progress_since``, ``poisoned``, ``attempts``, ``finished``, ``stop_reason``.
 """
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 from gpu_bench_report import render_markdown
@@ -43,12 +44,13 @@ class ResultsFile:
         _write_atomically(self.markdown_path, markdown)
 
     def set_plan(self, cases) -> None:
-        self.data["plan"] = {case.id: {"section": case.section, "params": case.params, "needs": sorted(case.needs)}
-                             for case in cases}
+        self.data["plan"] = {case.id: {"section": case.section, "params": case.params, "needs": sorted(case.needs),
+                                       "timeout_seconds": case.timeout_seconds} for case in cases}
         self.save()
 
     def start(self, case_id: str) -> None:
         self.data["in_progress"] = case_id
+        self.data["in_progress_since"] = time.time()
         self.save()
 
     def record(self, case_id: str, outcome: dict) -> None:
@@ -70,14 +72,23 @@ class ResultsFile:
     def poisoned_need(self, needs) -> str | None:
         return next((need for need in sorted(needs) if need in self.data["poisoned"]), None)
 
+    def overdue_case(self, now: float) -> tuple[str, float] | None:
+        """``(case id, its timeout)`` if the case in progress has run longer than its timeout."""
+        case_id, since = self.data.get("in_progress"), self.data.get("in_progress_since")
+        if case_id is None or since is None:
+            return None
+        timeout = self.data["plan"].get(case_id, {}).get("timeout_seconds")
+        return (case_id, timeout) if timeout and now - since > timeout else None
+
     # ------------------------------------------------------------------ ends of a worker
-    def settle_interrupted(self, why: str) -> None:
-        """The case a dead worker was running is recorded as ``crashed``; what it needs is poisoned."""
+    def settle_interrupted(self, why: str, status: str = "crashed") -> None:
+        """The case a dead (``crashed``) or ``killed`` worker was running gets ``status``; what it
+        needs is poisoned."""
         case_id = self.data.get("in_progress")
         if case_id is None:
             return
-        self.data["results"][case_id] = {"status": "crashed", "reason": why}
-        self.data["in_progress"] = None
+        self.data["results"][case_id] = {"status": status, "reason": why}
+        self.data["in_progress"] = self.data["in_progress_since"] = None
         self.poison(self.data["plan"].get(case_id, {}).get("needs", []))
 
     def finalize(self, stop_reason: str | None) -> None:

@@ -4,7 +4,7 @@ A :class:`Case` is one measurement (e.g. ``norm_gate`` forward, bf16, channels-l
 backend). Cases of one ``group`` share an expensive setup (inputs, reference results, model
 templates), made once when the group's first case runs and dropped when the next group starts.
 ``needs`` names what the case depends on (``"triton:norm_gate"``, ``"cuda:unet"``): after a
-fatal device error in one case, the cases needing the same thing are skipped.
+fatal device error, a crash or a hang in one case, the cases needing the same thing are skipped.
 """
 from __future__ import annotations
 
@@ -83,6 +83,7 @@ class Case:
     params: dict
     needs: frozenset[str] = field(default_factory=frozenset)
     min_seconds: float = 1.0  # do not start it with less time left in its section
+    timeout_seconds: float = 60.0  # the supervisor kills a worker stuck in it longer (setup included)
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -25,7 +25,8 @@ from e3fast.testing.memory import peak_memory_bytes
 @dataclass(frozen=True)
 class Budget:
     """Calls a case may make: ``warmup`` untimed calls (the first one included), up to ``reps``
-    timed ones, all within ``seconds`` of wall time (repetitions are cut to fit, not below one)."""
+    timed ones, all but the first call within ``seconds`` of wall time (warm-ups and repetitions
+    are cut to fit, repetitions not below one)."""
 
     warmup: int
     reps: int
@@ -44,7 +45,10 @@ class Timing:
         return statistics.median(self.times_ms) if self.times_ms else None
 
     def as_record(self) -> dict:
-        return {"first_call_ms": self.first_call_ms, "warmup_ms": self.warmup_ms, "times_ms": self.times_ms,
+        """The measurement's fields; ``status`` is ``incomplete`` when no repetition was timed."""
+        status = {"status": "ok"} if self.times_ms else {
+            "status": "incomplete", "reason": "no time left for a timed repetition after the first call"}
+        return {**status, "first_call_ms": self.first_call_ms, "warmup_ms": self.warmup_ms, "times_ms": self.times_ms,
                 "reps": len(self.times_ms), "median_ms": self.median_ms,
                 "min_ms": min(self.times_ms) if self.times_ms else None,
                 "peak_above_start_bytes": self.peak_above_start_bytes}
@@ -77,25 +81,35 @@ def event_ms(fn: Callable[[], object], device: torch.device) -> float:
     return start.elapsed_time(end)
 
 
-def _seconds_left(case_start: float, budget: Budget, deadline: float) -> float:
-    now = time.monotonic()
-    return min(case_start + budget.seconds, deadline) - now
+def _before_deadline(call_ms: float, deadline: float) -> bool:
+    """Whether a call of about ``call_ms`` ends before ``deadline`` (20% margin)."""
+    return time.monotonic() + 1.2 * call_ms / 1e3 < deadline
+
+
+def _warm_up(fn, device: torch.device, timing: Timing, budget: Budget, case_end: float, deadline: float) -> float:
+    """The warm-up calls after the first one; returns the last call's time. The first of them
+    runs whenever the deadline allows (the first call, compiling, says little about the next),
+    the others only before ``case_end``."""
+    last_ms = timing.first_call_ms
+    for index in range(budget.warmup - 1):
+        estimate_ms = min(last_ms, budget.seconds * 1e3) if index == 0 else last_ms
+        if not _before_deadline(estimate_ms, deadline) or (index and time.monotonic() + last_ms / 1e3 > case_end):
+            break
+        last_ms = wall_ms(fn, device)
+        timing.warmup_ms.append(last_ms)
+    return last_ms
 
 
 def time_calls(fn: Callable[[], object], device: torch.device, budget: Budget, deadline: float) -> Timing:
     """Warm up, then time repetitions of ``fn`` within ``budget`` and before ``deadline``
-    (``time.monotonic()`` seconds); records the peak memory of the timed calls."""
-    case_start = time.monotonic()
+    (``time.monotonic()`` seconds); records the peak memory of the timed calls. The budget's
+    seconds start after the first call, which may compile."""
     timing = Timing(first_call_ms=wall_ms(fn, device))
-    last_ms = timing.first_call_ms
-    for _ in range(budget.warmup - 1):
-        if _seconds_left(case_start, budget, deadline) * 1e3 < 2 * last_ms:
-            break
-        last_ms = wall_ms(fn, device)
-        timing.warmup_ms.append(last_ms)
-    seconds_left = _seconds_left(case_start, budget, deadline)
+    case_end = time.monotonic() + budget.seconds
+    last_ms = _warm_up(fn, device, timing, budget, case_end, deadline)
+    seconds_left = min(case_end, deadline) - time.monotonic()
     fitting = int(seconds_left * 1e3 / max(last_ms, 1e-3))
-    reps = max(1, min(budget.reps, fitting)) if deadline - time.monotonic() > 1.2 * last_ms / 1e3 else 0
+    reps = max(1, min(budget.reps, fitting)) if _before_deadline(last_ms, deadline) else 0
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         allocated_at_start = torch.cuda.memory_allocated(device)
@@ -103,6 +117,6 @@ def time_calls(fn: Callable[[], object], device: torch.device, budget: Budget, d
     timing.times_ms = [event_ms(fn, device) for _ in range(reps)]
     if device.type == "cuda" and reps:
         timing.peak_above_start_bytes = torch.cuda.max_memory_allocated(device) - allocated_at_start
-    elif device.type == "cpu" and reps and deadline - time.monotonic() > 1.2 * last_ms / 1e3:
+    elif device.type == "cpu" and reps and _before_deadline(last_ms, deadline):
         timing.peak_above_start_bytes = peak_memory_bytes(fn, device)  # one more call, under the profiler
     return timing

@@ -252,7 +252,7 @@ def measure_op(state: OpGroupState, variant: Variant, which: str, settings: Sett
     inputs = state.inputs[variant.inputs]
     run = pass_function(_on_backend(variant.fn, variant.backend), inputs, state.grad_outputs[variant.inputs], which)
     timing = time_calls(run, settings.device, settings.op_budget, deadline)
-    record = {"status": "ok", **timing.as_record()}
+    record = timing.as_record()
     record["resident_bytes"] = tensor_bytes(list(inputs) + [state.grad_outputs[variant.inputs]])
     if timing.peak_above_start_bytes is not None:
         record["peak_bytes"] = timing.peak_above_start_bytes + record["resident_bytes"]

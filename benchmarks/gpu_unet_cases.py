@@ -11,7 +11,8 @@ Models, all with 4 input channels and 4 classes:
   features, 5^3 kernels, InstanceNorm, LeakyReLU), eager and ``torch.compile``'d. The first call
   of a compiled model compiles it; that time is reported apart and not in the step time.
 
-Precisions: ``fp32`` (TF32 convolutions if the run enables them; contiguous input) and ``bf16``
+Precisions: ``fp32`` (TF32 cuDNN convolutions if the run enables them, torch's default;
+contiguous input) and ``bf16``
 (``torch.autocast`` to bfloat16, channels_last_3d input and plain model). A training step is
 forward, cross-entropy against a fixed random label map, backward, an Adam step and releasing the
 gradients. Before the timed steps, each e3fast model (and the e3nn model under autocast) is checked
@@ -35,6 +36,7 @@ from gpu_case import FUSED_OPS, Case, Settings, relative_error, unsupported_reas
 from gpu_measure import time_calls
 
 NUM_CLASSES = 4
+UNET_CASE_TIMEOUT_SECONDS = 120  # group setup (model templates, the e3nn output) and timing; x3 compiled
 PAPER_UNET = dict(input_irreps="4x0e", output_irreps=f"{NUM_CLASSES}x0e", diameter=5, num_radial_basis=5,
                   steps=(1, 1, 1), n=2, n_downsample=3)
 PLAIN_UNET = dict(in_channels=4, out_channels=NUM_CLASSES, features=30, n_downsample=3, kernel_size=5)
@@ -78,24 +80,16 @@ def e3nn_unet() -> torch.nn.Module:
 
 @contextlib.contextmanager
 def tf32(enabled: bool):
-    """TF32 for float32 convolutions and matmuls inside the block (torch's new precision API
-    where it exists: it refuses to be mixed with the legacy flags)."""
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if conv is not None and hasattr(conv, "fp32_precision"):
-        matmul = torch.backends.cuda.matmul
-        saved = conv.fp32_precision, matmul.fp32_precision
-        conv.fp32_precision = matmul.fp32_precision = "tf32" if enabled else "ieee"
-        try:
-            yield
-        finally:
-            conv.fp32_precision, matmul.fp32_precision = saved
-    else:
-        saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = enabled
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    """TF32 for cuDNN's float32 convolutions inside the block (matmuls keep torch's default).
+
+    The legacy flag sets cuDNN's convolutions and RNNs alike; setting only the convolutions
+    through the new ``fp32_precision`` API leaves a mix that torch refuses to report on."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
 
 
 def _backend_block(model: UNetModel):
@@ -239,8 +233,9 @@ def unet_case(model: UNetModel, precision: str, mode: str, settings: Settings, s
         return measure_unet(state, model, precision, mode, deadline_of(section))
 
     minimum = settings.compile_min_seconds if model.compiled else settings.unet_min_seconds
+    timeout = UNET_CASE_TIMEOUT_SECONDS * (3 if model.compiled else 1)
     return Case(id=f"{section}/{precision}/{model.name}", section=section, group="unet", setup=setup, run=run,
-                params=params, needs=_needs(model), min_seconds=minimum)
+                params=params, needs=_needs(model), min_seconds=minimum, timeout_seconds=timeout)
 
 
 def unet_cases(settings: Settings, backends: list[str], deadline_of) -> list[Case]:
