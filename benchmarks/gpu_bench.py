@@ -123,6 +123,8 @@ def _interruption(exit_code: int | None, killed_because: str | None) -> str:
         return killed_because
     if exit_code == EXIT_FATAL_DEVICE_ERROR:
         return "fatal device error"
+    if exit_code == EXIT_NO_DEVICE:
+        return "no device to run on"
     return f"the worker died (exit code {exit_code})"
 
 

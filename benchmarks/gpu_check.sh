@@ -11,10 +11,14 @@
 #   4. benchmark    benchmarks/gpu_bench.py --out $OUT                     -> $OUT/gpu_bench.{json,md}, bench.log
 #   5. summary      the status of every stage                              -> $OUT/summary.md, gpu_check.json
 # Eight files at most in $OUT. Every stage has a timeout and the whole check a deadline
-# (E3FAST_GPU_CHECK_SECONDS, default 465). Nothing is installed; no prompt is ever shown.
+# (E3FAST_GPU_CHECK_SECONDS, default 465): the build may use what leaves 60% of it, the tests what
+# leaves 43%, the benchmark the rest but 30 s (the summary and the kill margins). With less time
+# on the machine, lower E3FAST_GPU_CHECK_SECONDS: every stage shrinks with it. Nothing is
+# installed; no prompt is ever shown.
 #
 # Without a GPU visible to torch, or with E3FAST_GPU_CHECK_SMOKE=1, it runs as a smoke test of
 # itself: the CPU extension is built instead, and the benchmark runs with --device cpu --quick.
+# E3FAST_GPU_CHECK_SMOKE=0 forces the GPU mode (to see how it reports failures on a machine without one).
 #
 # Environment: PYTHON (default python), OUT, E3FAST_GPU_CHECK_SMOKE, E3FAST_GPU_CHECK_SECONDS,
 # E3FAST_BUILD_SECONDS (default 180), E3FAST_TESTS_SECONDS (default 120),
@@ -28,11 +32,13 @@ ROOT=$PWD
 OUT="${OUT:-$ROOT/gpu-results}"
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || { echo "gpu_check: cannot create $OUT" >&2; exit 1; }
 PYTHON="${PYTHON:-python}"
+OUT_FILES=(env.log build.log tests.log bench.log gpu_bench.json gpu_bench.md summary.md gpu_check.json)
+for name in "${OUT_FILES[@]}"; do rm -f "${OUT:?}/$name"; done  # no stale results from an earlier check
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 PIP_NO_INPUT=1 DEBIAN_FRONTEND=noninteractive
 unset TRITON_INTERPRET  # Triton must run on the GPU here, not in its interpreter
 
-STATE=$(mktemp -d)  # stage records and the full logs; only what is worth keeping goes to $OUT
+STATE=$(mktemp -d)  # stage records, environment and pytest's XML for the summary (not results themselves)
 trap 'rm -rf "$STATE"' EXIT
 TOTAL_SECONDS=${E3FAST_GPU_CHECK_SECONDS:-465}
 START=$SECONDS
@@ -47,14 +53,14 @@ record_stage() {
     echo "gpu_check: $1: $2 ($3 s) $4"
 }
 
-# keep_log FULL DEST: the log, or its first 300 and last 1500 lines when longer than 2000.
-keep_log() {
+# trim_log LOG: keep the first 300 and last 1500 lines of a log longer than 2000. Logs are
+# written straight into $OUT, so a check killed from outside still leaves them there.
+trim_log() {
     local lines
     lines=$(wc -l < "$1")
-    if [ "$lines" -le 2000 ]; then
-        cp "$1" "$2"
-    else
-        { head -n 300 "$1"; echo "... ($((lines - 1800)) lines left out) ..."; tail -n 1500 "$1"; } > "$2"
+    if [ "$lines" -gt 2000 ]; then
+        { head -n 300 "$1"; echo "... ($((lines - 1800)) lines left out) ..."; tail -n 1500 "$1"; } > "$STATE/trimmed"
+        mv -f "$STATE/trimmed" "$1"
     fi
 }
 
@@ -90,10 +96,12 @@ stage_environment() {
     } > "$OUT/env.log" 2>&1
     local gpu
     gpu=$(json_field "$STATE/env.json" gpu)
-    if [ "${E3FAST_GPU_CHECK_SMOKE:-0}" = 1 ]; then
+    if [ "${E3FAST_GPU_CHECK_SMOKE:-}" = 1 ]; then
         MODE=smoke
         record_stage environment ok $((SECONDS - began)) \
             "smoke mode (E3FAST_GPU_CHECK_SMOKE=1)${gpu:+; GPU present: $gpu}"
+    elif [ "${E3FAST_GPU_CHECK_SMOKE:-}" = 0 ]; then
+        record_stage environment ok $((SECONDS - began)) "GPU mode forced (E3FAST_GPU_CHECK_SMOKE=0); GPU: ${gpu:-none}"
     elif [ -z "$gpu" ]; then
         MODE=smoke
         record_stage environment ok $((SECONDS - began)) "no GPU visible to torch: smoke mode (CPU)"
@@ -118,7 +126,7 @@ set_aside_stale_extension() {
 
 stage_build() {
     local began=$SECONDS limit cuda arch code status
-    limit=$(smaller "${E3FAST_BUILD_SECONDS:-180}" $(($(seconds_left) - 280)))
+    limit=$(smaller "${E3FAST_BUILD_SECONDS:-180}" $(($(seconds_left) - TOTAL_SECONDS * 60 / 100)))
     if [ "$limit" -lt 30 ]; then
         record_stage build skipped 0 "no time left"; return
     fi
@@ -129,22 +137,23 @@ stage_build() {
             export PATH="/usr/local/cuda/bin:$PATH" CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
         fi
     else
-        cuda=0 arch=
+        cuda=0 arch=unused
     fi
-    echo "E3FAST_CUDA=$cuda E3FAST_CUDA_ARCH=$arch MAX_JOBS=${MAX_JOBS:-16}, limit ${limit} s" > "$STATE/build.full"
-    E3FAST_CUDA=$cuda E3FAST_CUDA_ARCH="${arch:-8.0;9.0}" MAX_JOBS=${MAX_JOBS:-16} \
-        timeout -k 10 "$limit" "$PYTHON" setup.py build_ext --inplace >> "$STATE/build.full" 2>&1
+    arch=${arch:-8.0;9.0}  # setup.py's default where the GPU does not say
+    echo "E3FAST_CUDA=$cuda E3FAST_CUDA_ARCH=$arch MAX_JOBS=${MAX_JOBS:-16}, limit ${limit} s" > "$OUT/build.log"
+    E3FAST_CUDA=$cuda E3FAST_CUDA_ARCH="$arch" MAX_JOBS=${MAX_JOBS:-16} \
+        timeout -k 10 "$limit" "$PYTHON" setup.py build_ext --inplace >> "$OUT/build.log" 2>&1
     code=$?
     status=$(exit_status $code)
-    [ "$code" = 0 ] || set_aside_stale_extension >> "$STATE/build.full" 2>&1
-    echo "== the extension after the build" >> "$STATE/build.full"
+    [ "$code" = 0 ] || set_aside_stale_extension >> "$OUT/build.log" 2>&1
+    echo "== the extension after the build" >> "$OUT/build.log"
     timeout 60 "$PYTHON" benchmarks/gpu_check_report.py extension --json "$STATE/extension.json" \
-        >> "$STATE/build.full" 2>&1
-    keep_log "$STATE/build.full" "$OUT/build.log"
+        >> "$OUT/build.log" 2>&1
+    trim_log "$OUT/build.log"
     local loaded
     loaded=$(json_field "$STATE/extension.json" line)
     record_stage build "$status" $((SECONDS - began)) \
-        "E3FAST_CUDA=$cuda arch ${arch:--} (exit $code); ${loaded:-extension state unknown}"
+        "E3FAST_CUDA=$cuda arch $arch (exit $code); ${loaded:-extension state unknown}"
 }
 
 # The test files worth the GPU's time: the CUDA and Triton kernel tests, any file that
@@ -164,18 +173,18 @@ gpu_test_files() {
 
 stage_tests() {
     local began=$SECONDS limit files code
-    limit=$(smaller "${E3FAST_TESTS_SECONDS:-120}" $(($(seconds_left) - 200)))
+    limit=$(smaller "${E3FAST_TESTS_SECONDS:-120}" $(($(seconds_left) - TOTAL_SECONDS * 43 / 100)))
     files=$(gpu_test_files)
     if [ "$limit" -lt 20 ]; then
         record_stage tests skipped 0 "no time left (files: $files)"; return
     fi
-    echo "== pytest over: $files (limit ${limit} s)" > "$STATE/tests.full"
+    echo "== pytest over: $files (limit ${limit} s)" > "$OUT/tests.log"
     # shellcheck disable=SC2086  # $files is a list of paths
     timeout -k 10 "$limit" "$PYTHON" -m pytest -v --tb=short -rfEs -p no:cacheprovider \
         --maxfail="${E3FAST_GPU_TEST_MAXFAIL:-10}" --continue-on-collection-errors --durations=15 \
-        --junitxml="$STATE/tests.xml" $files >> "$STATE/tests.full" 2>&1
+        --junitxml="$STATE/tests.xml" $files >> "$OUT/tests.log" 2>&1
     code=$?
-    keep_log "$STATE/tests.full" "$OUT/tests.log"
+    trim_log "$OUT/tests.log"
     local status counts
     case "$code" in
         0) status=ok ;;
@@ -184,26 +193,26 @@ stage_tests() {
         124 | 137) status=timeout ;;
         *) status="error" ;;
     esac
-    counts=$(tail -n 3 "$STATE/tests.full" | grep -E "passed|failed|error|skipped" | tail -n 1 | tr -d '=')
+    counts=$(tail -n 3 "$OUT/tests.log" | grep -E "passed|failed|error|skipped" | tail -n 1 | tr -d '=')
     record_stage tests "$status" $((SECONDS - began)) "pytest exit $code: ${counts:-no summary line}; files: $files"
 }
 
 stage_bench() {
     local began=$SECONDS budget args code
     if [ "$MODE" = gpu ]; then
-        budget=$(smaller "${E3FAST_BENCH_SECONDS:-240}" $(($(seconds_left) - 45)))
+        budget=$(smaller "${E3FAST_BENCH_SECONDS:-240}" $(($(seconds_left) - 30)))
         args=(--device cuda)
     else
-        budget=$(smaller "${E3FAST_BENCH_SECONDS:-120}" $(($(seconds_left) - 45)))
+        budget=$(smaller "${E3FAST_BENCH_SECONDS:-120}" $(($(seconds_left) - 30)))
         args=(--device cpu --quick)
     fi
     if [ "$budget" -lt 30 ]; then
         record_stage bench skipped 0 "no time left"; return
     fi
     timeout -k 5 $((budget + 30)) "$PYTHON" benchmarks/gpu_bench.py --out "$OUT" --budget "$budget" "${args[@]}" \
-        > "$STATE/bench.full" 2>&1
+        > "$OUT/bench.log" 2>&1
     code=$?
-    keep_log "$STATE/bench.full" "$OUT/bench.log"
+    trim_log "$OUT/bench.log"
     local counts
     counts=$("$PYTHON" benchmarks/gpu_check_report.py bench-counts "$OUT/gpu_bench.json" 2>/dev/null)
     record_stage bench "$(exit_status $code)" $((SECONDS - began)) \
@@ -225,9 +234,13 @@ write_summary() {
     fi
 }
 
+# The summary is rewritten after every stage: a check killed from outside still has one.
 stage_environment
+write_summary
 stage_build
+write_summary
 stage_tests
+write_summary
 stage_bench
 write_summary
 echo "gpu_check: done in $((SECONDS - START)) s; results in $OUT"

@@ -137,7 +137,7 @@ def bench_counts(path: Path) -> str:
     counts = collections.Counter(result.get("status") for result in data.get("results", {}).values())
     state = "finished" if data.get("finished") else f"stopped: {data.get('stop_reason')}"
     listed = ", ".join(f"{n} {status}" for status, n in counts.most_common())
-    return f"{len(data.get('plan', {}))} cases ({listed}); {state}"
+    return f"{len(data.get('plan', {}))} cases{f' ({listed})' if listed else ''}; {state}"
 
 
 def op_headlines(rows: list[dict]) -> list[str]:
