@@ -24,7 +24,9 @@ and skips the cases needing the same backend and op.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
+import signal
 import subprocess
 import sys
 import time
@@ -41,6 +43,7 @@ EXIT_FATAL_DEVICE_ERROR = 3
 MAX_WORKERS = 4  # the first worker and up to three restarts after fatal device errors
 KILL_GRACE_SECONDS = 10  # how long past the deadline a busy worker may finish its case
 WATCH_INTERVAL_SECONDS = 1.0
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 MIN_WORKER_SECONDS = 15  # no restart with less time than this left
 FATAL_ERROR_MARKERS = ("illegal memory access", "device-side assert", "unspecified launch failure",
                        "misaligned address", "illegal instruction", "CUDA error: an illegal",
@@ -97,25 +100,44 @@ def _read_results(path: Path) -> ResultsFile | None:
         return None
 
 
+class Terminated(Exception):
+    """The supervisor was asked to stop (SIGTERM): it stops its worker and writes what it has."""
+
+
+def _raise_terminated(signal_number, frame):
+    raise Terminated(signal.Signals(signal_number).name)
+
+
+def _die_with_parent() -> None:
+    """Run in the worker before it starts: the kernel kills it when the supervisor dies (Linux)."""
+    try:
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the supervisor's own clean-up has to do
+        pass
+
+
 def _run_worker(command: list[str], path: Path, deadline: float) -> tuple[int | None, str | None]:
     """Run a worker; kill it at ``deadline + KILL_GRACE_SECONDS`` or when its case runs past the
     case's timeout. Returns ``(exit code, None)`` or ``(None, why it was killed)``."""
-    worker = subprocess.Popen(command)
-    while worker.poll() is None:
-        time.sleep(WATCH_INTERVAL_SECONDS)
-        killed_because = None
-        if time.time() > deadline + KILL_GRACE_SECONDS:
-            killed_because = "killed at the deadline while running it"
-        else:
-            results = _read_results(path)
-            overdue = results.overdue_case(time.time()) if results else None
-            if overdue:
-                killed_because = f"killed: still running after {overdue[1]:.0f} s (hung?)"
-        if killed_because:
+    worker = subprocess.Popen(command, preexec_fn=_die_with_parent)
+    try:
+        while worker.poll() is None:
+            time.sleep(WATCH_INTERVAL_SECONDS)
+            killed_because = None
+            if time.time() > deadline + KILL_GRACE_SECONDS:
+                killed_because = "killed at the deadline while running it"
+            else:
+                results = _read_results(path)
+                overdue = results.overdue_case(time.time()) if results else None
+                if overdue:
+                    killed_because = f"killed: still running after {overdue[1]:.0f} s (hung?)"
+            if killed_because:
+                return None, killed_because
+        return worker.returncode, None
+    finally:
+        if worker.poll() is None:
             worker.kill()
             worker.wait()
-            return None, killed_because
-    return worker.returncode, None
 
 
 def _interruption(exit_code: int | None, killed_because: str | None) -> str:
@@ -128,6 +150,32 @@ def _interruption(exit_code: int | None, killed_because: str | None) -> str:
     return f"the worker died (exit code {exit_code})"
 
 
+def _supervise_workers(args, path: Path, deadline: float, ops_deadline: float) -> str | None:
+    """Start workers until one finishes the plan; returns why the run stopped early (None: it did not)."""
+    for _ in range(MAX_WORKERS):
+        if deadline - time.time() < MIN_WORKER_SECONDS:
+            return "deadline"
+        began, recorded = time.time(), len(ResultsFile(path).data["results"])
+        exit_code, killed_because = _run_worker(_worker_command(args, deadline, ops_deadline), path, deadline)
+        results = ResultsFile(path)
+        results.note_attempt(exit_code, time.time() - began)
+        if exit_code == 0:
+            results.save()
+            return None
+        had_case_in_progress = results.data.get("in_progress") is not None
+        why = _interruption(exit_code, killed_because)
+        results.settle_interrupted(why, "killed" if killed_because else "crashed")
+        results.save()
+        print(f"gpu_bench: worker ended: {why}", flush=True)
+        if time.time() > deadline:
+            return "deadline"
+        if exit_code == EXIT_NO_DEVICE:
+            return results.data.get("stop_reason") or "no device"
+        if len(results.data["results"]) == recorded and not had_case_in_progress:
+            return f"the worker failed before any case (exit code {exit_code}); see the log"
+    return "restarts exhausted"
+
+
 def supervise(args) -> int:
     """Run workers until the plan is done, the deadline passes or restarts run out."""
     args.out.mkdir(parents=True, exist_ok=True)
@@ -137,33 +185,14 @@ def supervise(args) -> int:
             stale.unlink(missing_ok=True)
     start = time.time()
     deadline, ops_deadline = start + args.budget, start + args.ops_share * args.budget
-    stop_reason = "restarts exhausted"
-    for _ in range(MAX_WORKERS):
-        if deadline - time.time() < MIN_WORKER_SECONDS:
-            stop_reason = "deadline"
-            break
-        began, recorded = time.time(), len(ResultsFile(path).data["results"])
-        exit_code, killed_because = _run_worker(_worker_command(args, deadline, ops_deadline), path, deadline)
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        stop_reason = _supervise_workers(args, path, deadline, ops_deadline)
+    except (Terminated, KeyboardInterrupt) as stop:
+        stop_reason = f"stopped from outside ({stop if isinstance(stop, Terminated) else 'SIGINT'})"
         results = ResultsFile(path)
-        results.note_attempt(exit_code, time.time() - began)
-        if exit_code == 0:
-            results.save()
-            stop_reason = None
-            break
-        had_case_in_progress = results.data.get("in_progress") is not None
-        why = _interruption(exit_code, killed_because)
-        results.settle_interrupted(why, "killed" if killed_because else "crashed")
+        results.settle_interrupted(stop_reason, "killed")
         results.save()
-        print(f"gpu_bench: worker ended: {why}", flush=True)
-        if time.time() > deadline:
-            stop_reason = "deadline"
-            break
-        if exit_code == EXIT_NO_DEVICE:
-            stop_reason = results.data.get("stop_reason") or "no device"
-            break
-        if len(results.data["results"]) == recorded and not had_case_in_progress:
-            stop_reason = f"the worker failed before any case (exit code {exit_code}); see the log"
-            break
     results = ResultsFile(path)
     results.finalize(stop_reason)
     print(f"gpu_bench: wrote {path} and {path.with_suffix('.md')}", flush=True)

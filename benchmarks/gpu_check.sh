@@ -64,6 +64,34 @@ trim_log() {
     fi
 }
 
+# run_limited SECONDS LOG COMMAND...: the command under `timeout`, its output appended to LOG.
+# It runs in the background so that a TERM or INT sent to this script can stop it (on_signal):
+# `timeout` puts the command in a process group of its own, which a signal to ours would miss.
+CHILD=
+CURRENT_STAGE=start
+STAGE_START=$SECONDS
+run_limited() {
+    local limit=$1 log=$2 code
+    shift 2
+    timeout -k 10 "$limit" "$@" >> "$log" 2>&1 &
+    CHILD=$!
+    wait "$CHILD"
+    code=$?
+    CHILD=
+    return $code
+}
+
+on_signal() {
+    trap - TERM INT
+    echo "gpu_check: stopped from outside"
+    [ -n "$CHILD" ] && kill -TERM -- "-$CHILD" 2> /dev/null && sleep 3
+    [ -n "$CHILD" ] && kill -KILL -- "-$CHILD" 2> /dev/null
+    record_stage "$CURRENT_STAGE" killed $((SECONDS - STAGE_START)) "the check was stopped from outside (TERM or INT)"
+    write_summary
+    exit 143
+}
+trap on_signal TERM INT
+
 # json_field FILE KEY: one top-level value of a JSON file (empty if there is none).
 json_field() {
     "$PYTHON" -c "import json,sys; print(json.load(open(sys.argv[1])).get(sys.argv[2]) or '')" "$1" "$2" 2>/dev/null
@@ -79,6 +107,7 @@ exit_status() {
 }
 
 stage_environment() {
+    CURRENT_STAGE=environment STAGE_START=$SECONDS
     local began=$SECONDS
     {
         echo "== date: $(date -u +%Y-%m-%dT%H:%M:%SZ)  host: $(hostname)  cores: $(nproc)"
@@ -125,6 +154,7 @@ set_aside_stale_extension() {
 }
 
 stage_build() {
+    CURRENT_STAGE=build STAGE_START=$SECONDS
     local began=$SECONDS limit cuda arch code status
     limit=$(smaller "${E3FAST_BUILD_SECONDS:-180}" $(($(seconds_left) - TOTAL_SECONDS * 60 / 100)))
     if [ "$limit" -lt 30 ]; then
@@ -142,7 +172,7 @@ stage_build() {
     arch=${arch:-8.0;9.0}  # setup.py's default where the GPU does not say
     echo "E3FAST_CUDA=$cuda E3FAST_CUDA_ARCH=$arch MAX_JOBS=${MAX_JOBS:-16}, limit ${limit} s" > "$OUT/build.log"
     E3FAST_CUDA=$cuda E3FAST_CUDA_ARCH="$arch" MAX_JOBS=${MAX_JOBS:-16} \
-        timeout -k 10 "$limit" "$PYTHON" setup.py build_ext --inplace >> "$OUT/build.log" 2>&1
+        run_limited "$limit" "$OUT/build.log" "$PYTHON" setup.py build_ext --inplace
     code=$?
     status=$(exit_status $code)
     [ "$code" = 0 ] || set_aside_stale_extension >> "$OUT/build.log" 2>&1
@@ -172,6 +202,7 @@ gpu_test_files() {
 }
 
 stage_tests() {
+    CURRENT_STAGE=tests STAGE_START=$SECONDS
     local began=$SECONDS limit files code
     limit=$(smaller "${E3FAST_TESTS_SECONDS:-120}" $(($(seconds_left) - TOTAL_SECONDS * 43 / 100)))
     files=$(gpu_test_files)
@@ -180,9 +211,9 @@ stage_tests() {
     fi
     echo "== pytest over: $files (limit ${limit} s)" > "$OUT/tests.log"
     # shellcheck disable=SC2086  # $files is a list of paths
-    timeout -k 10 "$limit" "$PYTHON" -m pytest -v --tb=short -rfEs -p no:cacheprovider \
+    run_limited "$limit" "$OUT/tests.log" "$PYTHON" -m pytest -v --tb=short -rfEs -p no:cacheprovider \
         --maxfail="${E3FAST_GPU_TEST_MAXFAIL:-10}" --continue-on-collection-errors --durations=15 \
-        --junitxml="$STATE/tests.xml" $files >> "$OUT/tests.log" 2>&1
+        --junitxml="$STATE/tests.xml" $files
     code=$?
     trim_log "$OUT/tests.log"
     local status counts
@@ -198,6 +229,7 @@ stage_tests() {
 }
 
 stage_bench() {
+    CURRENT_STAGE=bench STAGE_START=$SECONDS
     local began=$SECONDS budget args code
     if [ "$MODE" = gpu ]; then
         budget=$(smaller "${E3FAST_BENCH_SECONDS:-240}" $(($(seconds_left) - 30)))
@@ -209,8 +241,9 @@ stage_bench() {
     if [ "$budget" -lt 30 ]; then
         record_stage bench skipped 0 "no time left"; return
     fi
-    timeout -k 5 $((budget + 30)) "$PYTHON" benchmarks/gpu_bench.py --out "$OUT" --budget "$budget" "${args[@]}" \
-        > "$OUT/bench.log" 2>&1
+    : > "$OUT/bench.log"
+    run_limited $((budget + 30)) "$OUT/bench.log" "$PYTHON" benchmarks/gpu_bench.py --out "$OUT" --budget "$budget" \
+        "${args[@]}"
     code=$?
     trim_log "$OUT/bench.log"
     local counts
