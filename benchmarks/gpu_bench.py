@@ -30,6 +30,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parent
@@ -302,6 +303,7 @@ def run_plan(plan, results: ResultsFile, deadline_of, device) -> int:
         try:
             outcome = case.run(groups.state_for(case))
         except Exception as error:  # noqa: BLE001 -- every failure is a result
+            traceback.print_exc()  # into the log; the record keeps the message
             outcome = failure_record(error)
         results.record(case.id, outcome)
         print(_summary_line(case.id, outcome), flush=True)

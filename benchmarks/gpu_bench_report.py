@@ -21,7 +21,7 @@ TIMING_NOTE = (
     "GB/s: the op's byte model (below) / median time, 10^9 bytes per second.")
 
 
-def _ms(value) -> str:
+def format_ms(value) -> str:
     if value is None:
         return "-"
     if value < 1:
@@ -31,24 +31,24 @@ def _ms(value) -> str:
     return f"{value / 1e3:.3g} s"
 
 
-def _ratio(value) -> str:
+def format_ratio(value) -> str:
     return "-" if value is None else f"{value:.3g}x"
 
 
-def _number(value, digits: int = 3) -> str:
+def format_number(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}g}"
 
 
-def _size(value, unit: float) -> str:
+def format_size(value, unit: float) -> str:
     return "-" if value is None else f"{value / unit:.1f}" if unit == MIB else f"{value / unit:.2f}"
 
 
-def _speedup(row: dict, baseline: dict | None) -> float | None:
+def speedup(row: dict, baseline: dict | None) -> float | None:
     mine, theirs = row.get("median_ms"), (baseline or {}).get("median_ms")
     return theirs / mine if mine and theirs and baseline is not row else None
 
 
-def _memory_ratio(row: dict, baseline: dict | None) -> float | None:
+def memory_ratio(row: dict, baseline: dict | None) -> float | None:
     mine, theirs = row.get("peak_bytes"), (baseline or {}).get("peak_bytes")
     return mine / theirs if mine and theirs and baseline is not row else None
 
@@ -80,7 +80,7 @@ def machine_lines(data: dict) -> list[str]:
                      f"{gpu['multiprocessors']} SMs, {gpu['total_memory_bytes'] / GIB:.1f} GiB); driver "
                      f"{gpu.get('driver') or '?'}, CUDA runtime {gpu.get('cuda_runtime')}, cuDNN {gpu.get('cudnn')}")
         peak = gpu.get("peak_bandwidth_gbps")
-        lines.append(f"- Peak DRAM bandwidth: {_number(peak, 4)} GB/s ({gpu.get('peak_bandwidth_source')})")
+        lines.append(f"- Peak DRAM bandwidth: {format_number(peak, 4)} GB/s ({gpu.get('peak_bandwidth_source')})")
     elif machine:
         lines.append(f"- Device: {machine.get('device')} ({machine.get('cpu')}, {machine.get('cpu_cores')} cores)")
     if machine:
@@ -105,7 +105,7 @@ def machine_lines(data: dict) -> list[str]:
 
 # ------------------------------------------------------------------------------------ fused ops
 
-def _op_baseline(rows: list[dict], row: dict, impl: str, backend: str) -> dict | None:
+def op_baseline(rows: list[dict], row: dict, impl: str, backend: str) -> dict | None:
     return next((r for r in rows if r["op"] == row["op"] and r["pass"] == row["pass"] and r["dtype"] == row["dtype"]
                  and r["memory_format"] == row["memory_format"] and r["impl"] == impl and r["backend"] == backend
                  and r.get("status") == "ok"), None)
@@ -121,15 +121,15 @@ def op_tables(rows: list[dict]) -> list[str]:
                   "| status |",
                   "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for row in (r for r in op_rows if (r["title"], r["pass"]) == (title, which)):
-            reference = _op_baseline(op_rows, row, "e3fast", "reference")
-            plain = _op_baseline(op_rows, row, "torch", "-")
+            reference = op_baseline(op_rows, row, "e3fast", "reference")
+            plain = op_baseline(op_rows, row, "torch", "-")
             lines.append(
                 f"| {row['dtype']} | {row['memory_format']} | {row['label']} | {row['backend']} "
-                f"| {_ms(row.get('median_ms'))} | {_ms(row.get('min_ms'))} | {row.get('reps', '-')} "
-                f"| {_ms(row.get('first_call_ms'))} | {_number(row.get('gbps'), 4)} "
-                f"| {_number(row.get('pct_of_peak_bandwidth'))} | {_ratio(_speedup(row, reference))} "
-                f"| {_ratio(_speedup(row, plain))} | {_size(row.get('peak_bytes'), MIB)} "
-                f"| {_number(row.get('max_rel_err_vs_reference'), 2)} | {_status(row)} |")
+                f"| {format_ms(row.get('median_ms'))} | {format_ms(row.get('min_ms'))} | {row.get('reps', '-')} "
+                f"| {format_ms(row.get('first_call_ms'))} | {format_number(row.get('gbps'), 4)} "
+                f"| {format_number(row.get('pct_of_peak_bandwidth'))} | {format_ratio(speedup(row, reference))} "
+                f"| {format_ratio(speedup(row, plain))} | {format_size(row.get('peak_bytes'), MIB)} "
+                f"| {format_number(row.get('max_rel_err_vs_reference'), 2)} | {_status(row)} |")
     return lines
 
 
@@ -138,7 +138,7 @@ def op_tables(rows: list[dict]) -> list[str]:
 UNET_BASELINES = ("e3nn", "plain", "plain-compiled")
 
 
-def _unet_baseline(rows: list[dict], row: dict, model: str) -> dict | None:
+def unet_baseline(rows: list[dict], row: dict, model: str) -> dict | None:
     return next((r for r in rows if r["model"] == model and r["mode"] == row["mode"]
                  and r["precision"] == row["precision"] and r.get("status") == "ok"), None)
 
@@ -155,15 +155,15 @@ def unet_tables(rows: list[dict]) -> list[str]:
                   "| vs plain compiled | rel. error vs e3nn fp32 | status |",
                   "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for row in group:
-            baselines = [_unet_baseline(unet_rows, row, name) for name in UNET_BASELINES]
+            baselines = [unet_baseline(unet_rows, row, name) for name in UNET_BASELINES]
             lines.append(
-                f"| {row['model']} | {row['backend']} | {row['memory_format']} | {_ms(row.get('median_ms'))} "
-                f"| {_ms(row.get('min_ms'))} | {row.get('reps', '-')} | {_ms(row.get('first_call_ms'))} "
-                f"| {_ms(row.get('compile_ms'))} | "
-                + " | ".join(_ratio(_speedup(row, b)) for b in baselines)
-                + f" | {_size(row.get('peak_bytes'), GIB)} | "
-                + " | ".join(_ratio(_memory_ratio(row, b)) for b in baselines)
-                + f" | {_number(row.get('rel_err_vs_e3nn'), 2)} | {_status(row)} |")
+                f"| {row['model']} | {row['backend']} | {row['memory_format']} | {format_ms(row.get('median_ms'))} "
+                f"| {format_ms(row.get('min_ms'))} | {row.get('reps', '-')} | {format_ms(row.get('first_call_ms'))} "
+                f"| {format_ms(row.get('compile_ms'))} | "
+                + " | ".join(format_ratio(speedup(row, b)) for b in baselines)
+                + f" | {format_size(row.get('peak_bytes'), GIB)} | "
+                + " | ".join(format_ratio(memory_ratio(row, b)) for b in baselines)
+                + f" | {format_number(row.get('rel_err_vs_e3nn'), 2)} | {_status(row)} |")
     return lines
 
 

@@ -24,7 +24,7 @@ BENCHMARKS = Path(__file__).resolve().parent
 ROOT = BENCHMARKS.parent
 sys.path[:0] = [str(ROOT), str(BENCHMARKS)]
 
-from gpu_bench_report import GIB, _ms, _number, _ratio, _speedup, _unet_baseline, case_rows  # noqa: E402
+from gpu_bench_report import GIB, case_rows, format_ms, format_number, format_ratio, speedup, unet_baseline  # noqa: E402
 
 TEST_OUTCOME = re.compile(r"^(\S+::\S+).*? (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b")
 
@@ -153,9 +153,9 @@ def op_headlines(rows: list[dict]) -> list[str]:
         return []
     lines = ["| op | pass | backend | best GB/s | % of peak | at | median |", "|---|---|---|---:|---:|---|---:|"]
     for (op, which, backend), row in best.items():
-        lines.append(f"| {op} | {which} | {backend} | {_number(row['gbps'], 4)} "
-                     f"| {_number(row.get('pct_of_peak_bandwidth'))} | {row['dtype']} {row['memory_format']} "
-                     f"| {_ms(row.get('median_ms'))} |")
+        lines.append(f"| {op} | {which} | {backend} | {format_number(row['gbps'], 4)} "
+                     f"| {format_number(row.get('pct_of_peak_bandwidth'))} | {row['dtype']} {row['memory_format']} "
+                     f"| {format_ms(row.get('median_ms'))} |")
     return lines
 
 
@@ -167,10 +167,10 @@ def unet_headlines(rows: list[dict]) -> list[str]:
     lines = ["| precision | model | step | vs e3nn | vs plain | vs plain compiled | peak GiB | status |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
     for row in train:
-        ratios = [_ratio(_speedup(row, _unet_baseline(train, row, name))) for name in
+        ratios = [format_ratio(speedup(row, unet_baseline(train, row, name))) for name in
                   ("e3nn", "plain", "plain-compiled")]
         peak = row.get("peak_bytes")
-        lines.append(f"| {row['precision']} | {row['model']} | {_ms(row.get('median_ms'))} | {' | '.join(ratios)} "
+        lines.append(f"| {row['precision']} | {row['model']} | {format_ms(row.get('median_ms'))} | {' | '.join(ratios)} "
                      f"| {'-' if peak is None else f'{peak / GIB:.2f}'} | {row.get('status')} |")
     return lines
 

@@ -27,10 +27,10 @@ from e3nn import o3
 
 import e3fast
 from e3fast.ops import NormGateSpec, assemble_kernel, norm_gate, norm_max_pool3d
+from e3fast.testing.memory import tensor_bytes
 from gpu_case import DTYPES, MEMORY_FORMATS, PASSES, Case, Settings, max_relative_error, unsupported_reason
 from gpu_measure import time_calls
 from gpu_op_bytes import assembly_bytes, normalization_bytes, plain_pooling_bytes, pooling_bytes
-from e3fast.testing.memory import tensor_bytes
 from gpu_unet_cases import paper_equivariant_unet
 
 GATE_ARGS = ("8x0e", [torch.relu], "6x0e", [torch.sigmoid], "4x1e+2x2e")
@@ -253,7 +253,8 @@ def measure_op(state: OpGroupState, variant: Variant, which: str, settings: Sett
     run = pass_function(_on_backend(variant.fn, variant.backend), inputs, state.grad_outputs[variant.inputs], which)
     timing = time_calls(run, settings.device, settings.op_budget, deadline)
     record = timing.as_record()
-    record["resident_bytes"] = tensor_bytes(list(inputs) + [state.grad_outputs[variant.inputs]])
+    held = list(inputs) + ([state.grad_outputs[variant.inputs]] if which != "fwd" else [])
+    record["resident_bytes"] = tensor_bytes(held)
     if timing.peak_above_start_bytes is not None:
         record["peak_bytes"] = timing.peak_above_start_bytes + record["resident_bytes"]
     bytes_moved = variant.bytes_moved(which, inputs, state.outputs[variant.inputs])

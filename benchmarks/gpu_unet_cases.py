@@ -233,6 +233,7 @@ def unet_case(model: UNetModel, precision: str, mode: str, settings: Settings, s
         return measure_unet(state, model, precision, mode, deadline_of(section))
 
     minimum = settings.compile_min_seconds if model.compiled else settings.unet_min_seconds
+    minimum *= 2 if model.impl == "e3nn" else 1  # the slowest eager model
     timeout = UNET_CASE_TIMEOUT_SECONDS * (3 if model.compiled else 1)
     return Case(id=f"{section}/{precision}/{model.name}", section=section, group="unet", setup=setup, run=run,
                 params=params, needs=_needs(model), min_seconds=minimum, timeout_seconds=timeout)
