@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The GPU check of e3fast: one script for a GPU machine, about 8 minutes at most.
 #
-#   OUT=gpu-results bash benchmarks/gpu_check.sh      # from the repository root; OUT defaults to ./gpu-results
+#   bash benchmarks/gpu_check.sh      # from the repository root; results in $OUT, default ./gpu-results
 #
 # Stages, each run even if an earlier one failed (a failed build only removes the CUDA backend):
 #   1. environment  nvidia-smi, versions, toolchain                       -> $OUT/env.log
-#   2. build        the extension with its CUDA kernels, in place          -> $OUT/build.log (its tail)
+#   2. build        the extension with its CUDA kernels, in place          -> $OUT/build.log
 #                   (E3FAST_CUDA=1, arch from the GPU, MAX_JOBS=16)
 #   3. tests        pytest over the GPU test files                         -> $OUT/tests.log
 #   4. benchmark    benchmarks/gpu_bench.py --out $OUT                     -> $OUT/gpu_bench.{json,md}, bench.log
@@ -20,7 +20,7 @@
 # itself: the CPU extension is built instead, and the benchmark runs with --device cpu --quick.
 # E3FAST_GPU_CHECK_SMOKE=0 forces the GPU mode (to see how it reports failures on a machine without one).
 #
-# Environment: PYTHON (default python), OUT, E3FAST_GPU_CHECK_SMOKE, E3FAST_GPU_CHECK_SECONDS,
+# Environment: PYTHON (default python, else python3), OUT, E3FAST_GPU_CHECK_SMOKE, E3FAST_GPU_CHECK_SECONDS,
 # E3FAST_BUILD_SECONDS (default 180), E3FAST_TESTS_SECONDS (default 120),
 # E3FAST_BENCH_SECONDS (default 240; smoke 120), E3FAST_CUDA_ARCH (default: the GPU's compute
 # capability), MAX_JOBS (default 16), E3FAST_GPU_TESTS (test files, default: see gpu_test_files),
@@ -31,7 +31,10 @@ cd "$(dirname "$0")/.." || exit 1
 ROOT=$PWD
 OUT="${OUT:-$ROOT/gpu-results}"
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || { echo "gpu_check: cannot create $OUT" >&2; exit 1; }
-PYTHON="${PYTHON:-python}"
+if [ -z "${PYTHON:-}" ]; then
+    PYTHON=python
+    command -v python > /dev/null || PYTHON=python3
+fi
 OUT_FILES=(env.log build.log tests.log bench.log gpu_bench.json gpu_bench.md summary.md gpu_check.json)
 for name in "${OUT_FILES[@]}"; do rm -f "${OUT:?}/$name"; done  # no stale results from an earlier check
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
