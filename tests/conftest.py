@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -9,12 +10,25 @@ import torch
 import e3fast
 from e3fast.backends import backend_usable
 
+try:
+    import hypothesis  # noqa: F401
+except ImportError:  # the GPU machines lack it: its property-based tests skip, the others still run
+    import hypothesis_fallback
+
+    hypothesis_fallback.install()
+
 # The fast backends that can run here, per device type. The reference backend is the ground truth.
 FAST_BACKENDS = [name for name in ("cpu", "triton", "cuda") if backend_usable(name, "cpu")]
 CUDA_FAST_BACKENDS = [name for name in ("cuda", "triton") if backend_usable(name, "cuda")]
 
 # Relative tolerances per dtype for comparisons against a float64 (or same-dtype) reference.
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def pytest_report_header(config):
+    if getattr(sys.modules.get("hypothesis"), "IS_FALLBACK", False):
+        return "hypothesis: not installed, property-based tests are skipped (tests/hypothesis_fallback.py)"
+    return None
 
 
 def pytest_configure(config):
