@@ -11,6 +11,28 @@ from e3fast.ops import assemble_kernel
 from e3fast.steerable_basis import voxel_convolution_basis
 
 
+def _cpu_low_precision_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """bf16/fp16 when a conv3d of ``x`` on the CPU would compute in it (input dtype or autocast)."""
+    if x.device.type != "cpu":
+        return None
+    if x.dtype in (torch.bfloat16, torch.float16):
+        return x.dtype
+    if torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu")
+    return None
+
+
+def _conv3d_in_float32(x: torch.Tensor, kernel: torch.Tensor, padding) -> torch.Tensor:
+    """conv3d in float32 with autocast off.
+
+    oneDNN (torch 2.13, CPU) returns non-finite bf16 weight gradients, at random, when the volume is
+    smaller than the kernel (e.g. 4^3 under a 5^3 kernel; tests/test_compile_autocast.py reproduces
+    it with plain torch). Such levels are tiny, so computing them in float32 costs nothing.
+    """
+    with torch.autocast("cpu", enabled=False):
+        return F.conv3d(x.float(), kernel.float(), padding=padding)
+
+
 class VoxelConvolution(torch.nn.Module):
     """SO(3)/O(3)-steerable convolution on voxels in physical units.
 
@@ -57,7 +79,11 @@ class VoxelConvolution(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_voxel_input(x, self.channels_in)
         check_same_device(input=x, weight=self.weight)
-        return F.conv3d(x, self.kernel().to(x.dtype), padding=self.padding)
+        kernel = self.kernel()
+        low_precision = _cpu_low_precision_dtype(x)
+        if low_precision is not None and any(n < k for n, k in zip(x.shape[2:], self.kernel_size)):
+            return _conv3d_in_float32(x, kernel, self.padding).to(low_precision)
+        return F.conv3d(x, kernel.to(x.dtype), padding=self.padding)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         absorb_convolution_buffers(self, state_dict, prefix)
