@@ -18,9 +18,9 @@ and the backward pass is the transpose
 Forward: a program owns a block of one kernel row ``o`` (columns ``(i, t)``, contiguous) and adds
 the paths and self-connections that write that row, listed per row on the host once per table
 (so each element is a sum in a fixed order: deterministic, no atomics); it is written once.
-Backward: a program owns one weight column (every column belongs to at most one path row or
-self-connection, checked on the host) and reduces over its ``d_3 d_1 taps`` kernel entries for
-all radial functions at once, as a ``[entries, R]`` tile. Both are tiny next to a convolution
+Backward: a program owns a block of weight columns (every column belongs to at most one path row
+or self-connection, checked on the host) and reduces over each column's ``d_3 d_1 taps`` kernel
+entries for all radial functions at once, as a ``[columns, entries, R]`` tile. Both are tiny next to a convolution
 and launch bound, so they use fixed block sizes instead of autotuning. Arithmetic is float32
 for half precision (float64 for float64).
 """
@@ -34,13 +34,14 @@ import triton
 import triton.language as tl
 
 from e3fast.triton_kernels import tables
+from e3fast.triton_kernels.conversions import to_element_type
 from e3fast.triton_kernels.layout import check_floating, opmath_dtype, tl_dtype
 from e3fast.triton_kernels.tuning import INTERPRETED
 
 PATH_COLUMNS = tl.constexpr(9)
 SELF_CONNECTION_COLUMNS = tl.constexpr(6)
 BLOCK_J = 1024 if INTERPRETED else 256  # kernel-row columns per forward program (few programs when interpreted)
-BLOCK_K = 1024 if INTERPRETED else 256  # kernel entries per backward step
+BLOCK_COLUMNS, BLOCK_K = (64, 256) if INTERPRETED else (16, 64)  # weight columns and kernel entries per backward tile
 
 # ---------------------------------------------------------------------------------------------
 # Tables
@@ -231,42 +232,46 @@ def _assemble_kernel(kernel_ptr, radial_ptr, sc_ptr, basis_ptr, paths_ptr, row_p
             hit = hit & (position - u * d == m)
             weight = tl.load(sc_ptr + tl.load(row + 5) + u * out_mul + w, mask=hit, other=0.0).to(OPMATH)
             acc += tl.load(sc_scale_ptr + s) * weight
-    tl.store(kernel_ptr + o * in_dim * TAPS + j, acc.to(kernel_ptr.dtype.element_ty), mask=j_ok)
+    tl.store(kernel_ptr + o * in_dim * TAPS + j, to_element_type(acc, kernel_ptr), mask=j_ok)
 
 
 @triton.jit
 def _radial_gradient_kernel(grad_radial_ptr, grad_kernel_ptr, basis_ptr, paths_ptr, columns_ptr, in_dim, radial_numel,
                             TAPS: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, MAX_SPAN: tl.constexpr,
-                            OPMATH: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Grid: radial weight columns. dW[:, column] for all radial functions."""
-    column = tl.program_id(0)
-    p = tl.load(columns_ptr + column * 3)
-    r = tl.arange(0, R_PAD)
-    r_ok = r < R
-    acc = tl.zeros([BLOCK_K, R_PAD], OPMATH)
-    if p >= 0:
-        u = tl.load(columns_ptr + column * 3 + 1)
-        w = tl.load(columns_ptr + column * 3 + 2)
-        row = paths_ptr + p * PATH_COLUMNS
-        d1 = tl.load(row + 2)
-        d3 = tl.load(row + 5)
-        row_span = d1 * TAPS
-        grad_base = grad_kernel_ptr + ((tl.load(row + 3) + w * d3) * in_dim + tl.load(row + 0) + u * d1) * TAPS
-        basis_base = basis_ptr + tl.load(row + 8)
-        for k0 in range(0, MAX_SPAN, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = k < d3 * row_span
-            m3 = k // row_span
-            rest = k - m3 * row_span
-            m1 = rest // TAPS
-            t = rest - m1 * TAPS
-            grad = tl.load(grad_base + m3 * in_dim * TAPS + rest, mask=k_ok, other=0.0).to(OPMATH)
-            basis_at = ((t * d1 + m1) * d3 + m3) * R
-            basis = tl.load(basis_base + basis_at[:, None] + r[None, :], mask=k_ok[:, None] & r_ok[None, :],
-                            other=0.0).to(OPMATH)
-            acc += grad[:, None] * basis
-    tl.store(grad_radial_ptr + r * radial_numel + column, tl.sum(acc, axis=0).to(grad_radial_ptr.dtype.element_ty),
-             mask=r_ok)
+                            OPMATH: tl.constexpr, BLOCK_COLUMNS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Grid: blocks of radial weight columns. dW[:, column] for all radial functions, reducing
+    [columns, kernel entries, R] tiles over the entries (m_3, m_1, t) of each column's path row."""
+    column = tl.program_id(0) * BLOCK_COLUMNS + tl.arange(0, BLOCK_COLUMNS)
+    column_ok = column < radial_numel
+    entry = columns_ptr + tl.where(column_ok, column, 0) * 3
+    p = tl.load(entry)
+    used = column_ok & (p >= 0)
+    u = tl.load(entry + 1)
+    w = tl.load(entry + 2)
+    row = paths_ptr + tl.maximum(p, 0) * PATH_COLUMNS
+    d1 = tl.where(used, tl.load(row + 2), 1)
+    d3 = tl.where(used, tl.load(row + 5), 1)
+    row_span = (d1 * TAPS)[:, None]
+    span = tl.where(used, d3 * d1 * TAPS, 0)[:, None]
+    grad_base = (((tl.load(row + 3) + w * d3) * in_dim + tl.load(row) + u * d1) * TAPS)[:, None]
+    basis_base = tl.load(row + 8)[:, None]
+    r = tl.arange(0, R_PAD)[None, None, :]
+    acc = tl.zeros([BLOCK_COLUMNS, BLOCK_K, R_PAD], OPMATH)
+    for k0 in range(0, MAX_SPAN, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)[None, :]
+        k_ok = k < span
+        m3 = k // row_span
+        rest = k - m3 * row_span
+        m1 = rest // TAPS
+        t = rest - m1 * TAPS
+        grad = tl.load(grad_kernel_ptr + grad_base + m3 * in_dim * TAPS + rest, mask=k_ok, other=0.0).to(OPMATH)
+        basis_at = basis_base + ((t * d1[:, None] + m1) * d3[:, None] + m3) * R
+        basis = tl.load(basis_ptr + basis_at[:, :, None] + r, mask=k_ok[:, :, None] & (r < R), other=0.0)
+        acc += grad[:, :, None] * basis.to(OPMATH)
+    total = tl.sum(acc, axis=1)
+    r = tl.arange(0, R_PAD)[None, :]
+    tl.store(grad_radial_ptr + r * radial_numel + column[:, None], to_element_type(total, grad_radial_ptr),
+             mask=column_ok[:, None] & (r < R))
 
 
 @triton.jit
@@ -286,7 +291,7 @@ def _self_connection_gradient_kernel(grad_sc_ptr, grad_kernel_ptr, sc_rows_ptr, 
         in_column = tl.load(row) + u * d + m
         grad = tl.load(grad_kernel_ptr + (out_row * in_dim + in_column) * TAPS + TAPS // 2, mask=m < d, other=0.0)
         acc = grad.to(OPMATH) * tl.load(sc_scale_ptr + s)
-    tl.store(grad_sc_ptr + column, tl.sum(acc, axis=0).to(grad_sc_ptr.dtype.element_ty))
+    tl.store(grad_sc_ptr + column, to_element_type(tl.sum(acc, axis=0), grad_sc_ptr))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,11 +354,13 @@ def assemble_kernel_backward(grad_kernel, basis, paths, self_connections, sc_sca
     grad_radial = grad_kernel.new_empty(num_radial, radial_numel)
     grad_sc = grad_kernel.new_empty(sc_numel)
     grad_kernel, basis = grad_kernel.contiguous(), basis.contiguous()
-    if grad_radial.numel() > 0:
-        _radial_gradient_kernel[(radial_numel,)](
-            grad_radial, grad_kernel, _pointer(basis, grad_kernel), _pointer(t.paths, t.radial_columns),
-            t.radial_columns, g.in_dim, radial_numel, TAPS=g.taps, R=num_radial,
-            R_PAD=triton.next_power_of_2(num_radial), MAX_SPAN=t.max_span, OPMATH=tl_dtype(opmath), BLOCK_K=BLOCK_K)
+    if grad_radial.numel() > 0 and t.paths.numel() == 0:
+        grad_radial.zero_()
+    elif grad_radial.numel() > 0:
+        _radial_gradient_kernel[(triton.cdiv(radial_numel, BLOCK_COLUMNS),)](
+            grad_radial, grad_kernel, _pointer(basis, grad_kernel), t.paths, t.radial_columns, g.in_dim,
+            radial_numel, TAPS=g.taps, R=num_radial, R_PAD=triton.next_power_of_2(num_radial), MAX_SPAN=t.max_span,
+            OPMATH=tl_dtype(opmath), BLOCK_COLUMNS=BLOCK_COLUMNS, BLOCK_K=BLOCK_K)
     if sc_numel > 0:
         _self_connection_gradient_kernel[(sc_numel,)](
             grad_sc, grad_kernel, _pointer(t.self_connections, t.sc_columns), t.sc_columns,

@@ -47,6 +47,7 @@ import triton
 import triton.language as tl
 
 from e3fast.triton_kernels import tables
+from e3fast.triton_kernels.conversions import to_element_type
 from e3fast.triton_kernels.layout import (check_floating, dense_voxels, is_channels_last, memory_format_of,
                                           opmath_dtype, tl_dtype, voxel_strides)
 from e3fast.triton_kernels.tuning import INTERPRETED, autotune, largest
@@ -415,7 +416,7 @@ def _apply_kernel(x_ptr, y_ptr, coef_ptr, rows_ptr, scales_ptr, N, C_in, C_out,
                                                                                                 NEEDS_EXP)
         y = tl.where(gated, y * factor, y)
     y_offsets = b.to(tl.int64) * y_sb + _tile_offsets(out, voxel, y_sc, y_sn, CHANNELS_LAST)
-    tl.store(y_ptr + y_offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + y_offsets, to_element_type(y, y_ptr), mask=mask)
 
 
 @triton.jit
@@ -520,7 +521,7 @@ def _backward_kernel(x_ptr, dy_ptr, dx_ptr, coef_ptr, gcoef_ptr, rows_ptr, scale
         if WRITE:
             dx = k1 * grad + k2 * x_hat + k3
             dx_offsets = b.to(tl.int64) * dx_sb + _tile_offsets(channel, voxel, dx_sc, dx_sn, CHANNELS_LAST)
-            tl.store(dx_ptr + dx_offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            tl.store(dx_ptr + dx_offsets, to_element_type(dx, dx_ptr), mask=mask)
     if ACCUMULATE:
         out = partial_ptr + (row * C_in + channel) * 2
         tl.store(out, _sum_over_voxels(sums, CHANNELS_LAST), mask=channel_ok)

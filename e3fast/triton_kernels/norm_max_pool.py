@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from e3fast.triton_kernels import tables
+from e3fast.triton_kernels.conversions import to_element_type
 from e3fast.triton_kernels.layout import check_floating, dense_voxels, is_channels_last, memory_format_of, \
     opmath_dtype, tl_dtype
 from e3fast.triton_kernels.tuning import autotune
@@ -300,7 +301,7 @@ def _unpool_kernel(dy_ptr, argmax_ptr, dx_ptr, fields_ptr, F, NX, NY, NZ, OX, OY
                 grad += dy.to(OPMATH)
     dx_offsets = (b.to(tl.int64) * dx_sb + channel.to(tl.int64) * dx_sc
                   + _per_voxel(_spatial_offset(nx, ny, nz, dx_sx, dx_sy, dx_sz), CHANNELS_LAST))
-    tl.store(dx_ptr + dx_offsets, grad.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx_ptr + dx_offsets, to_element_type(grad, dx_ptr), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,8 +337,8 @@ def _grid(voxels: int, num_fields: int, batch: int):
 
 
 def _output(shape, like: torch.Tensor, zero: bool) -> torch.Tensor:
-    make = torch.zeros if zero else torch.empty
-    return make(shape, dtype=like.dtype, device=like.device, memory_format=memory_format_of(like))
+    out = torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=memory_format_of(like))
+    return out.zero_() if zero else out
 
 
 def norm_max_pool3d(x, fields, kernel_size, stride):
