@@ -293,10 +293,10 @@ def _moments_kernel(x_ptr, partial_ptr, N, C, x_sb, x_sc, x_sn,
     channel = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_ok = channel < C
     channel = tl.where(channel_ok, channel, 0)
-    shift_sample = 0
+    shift_ptr = x_ptr  # the group's first voxel: sample b's (instance) or sample 0's (batch)
     if SHIFT_PER_SAMPLE:
-        shift_sample = b
-    shift = tl.load(x_ptr + shift_sample.to(tl.int64) * x_sb + channel.to(tl.int64) * x_sc).to(OPMATH)
+        shift_ptr = x_ptr + b.to(tl.int64) * x_sb
+    shift = tl.load(shift_ptr + channel.to(tl.int64) * x_sc).to(OPMATH)
     shift = _per_channel(shift, CHANNELS_LAST)
     x_base = x_ptr + b.to(tl.int64) * x_sb
     sums = _tile_zeros(BLOCK_C, BLOCK_N, OPMATH, CHANNELS_LAST)
@@ -350,10 +350,10 @@ def _coefficients_kernel(coef_ptr, fields_ptr, partial_ptr, x_ptr, mean_in_ptr, 
     zero = tl.zeros([MAX_DIM], tl.float64)
     if FROM_PARTIALS:
         first, second = _field_sums(partial_ptr, g * rows_per_group, rows_per_group, C, channel, m_ok, BLOCK_R)
-        shift_sample = 0
+        shift_ptr = x_ptr
         if SHIFT_PER_SAMPLE:
-            shift_sample = g
-        shift = tl.load(x_ptr + shift_sample.to(tl.int64) * x_sb + channel.to(tl.int64) * x_sc).to(tl.float64)
+            shift_ptr = x_ptr + g.to(tl.int64) * x_sb
+        shift = tl.load(shift_ptr + channel.to(tl.int64) * x_sc).to(tl.float64)
         n = zero + count
         centered = second - first * first / n
         squares = second + shift * (2.0 * first + n * shift)
@@ -400,10 +400,9 @@ def _apply_kernel(x_ptr, y_ptr, coef_ptr, rows_ptr, scales_ptr, N, C_in, C_out,
     gate = tl.load(row + 2)
     mask = _per_channel(out_ok, CHANNELS_LAST) & _per_voxel(voxel < N, CHANNELS_LAST)
     x_base = x_ptr + b.to(tl.int64) * x_sb
-    group = 0
+    coef_group = coef_ptr  # statistics group 0, or sample b's in instance mode
     if INSTANCE:
-        group = b
-    coef_group = coef_ptr + group * C_in * COEFFICIENTS
+        coef_group = coef_ptr + b * C_in * COEFFICIENTS
     _, z = _standardized(x_base, coef_group, source, voxel, mask, x_sc, x_sn, OPMATH, NORMALIZE, CHANNELS_LAST)
     act = _per_channel(tl.load(row + 1), CHANNELS_LAST)
     y = _per_channel(tl.load(scales_ptr + out * 2), CHANNELS_LAST) * _activation(z, act, NEEDS_EXP)
@@ -484,15 +483,16 @@ def _backward_kernel(x_ptr, dy_ptr, dx_ptr, coef_ptr, gcoef_ptr, rows_ptr, scale
     channel = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_ok = channel < C_in
     channel = tl.where(channel_ok, channel, 0)
-    group = 0
+    coef_group = coef_ptr  # statistics group 0, or sample b's in instance mode
+    gcoef_group = gcoef_ptr
     if INSTANCE:
-        group = b
-    coef_group = coef_ptr + group * C_in * COEFFICIENTS
+        coef_group = coef_ptr + b * C_in * COEFFICIENTS
+        gcoef_group = gcoef_ptr + b * C_in * GRADIENT_COEFFICIENTS
     k1 = tl.full([BLOCK_C], 1.0, OPMATH)
     k2 = tl.zeros([BLOCK_C], OPMATH)
     k3 = tl.zeros([BLOCK_C], OPMATH)
     if BATCH_STATISTICS:
-        gcoef = gcoef_ptr + (group * C_in + channel) * GRADIENT_COEFFICIENTS
+        gcoef = gcoef_group + channel * GRADIENT_COEFFICIENTS
         k1 = tl.load(gcoef)
         k2 = tl.load(gcoef + 1)
         k3 = tl.load(gcoef + 2)
