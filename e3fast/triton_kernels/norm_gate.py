@@ -59,7 +59,11 @@ TANH = tl.constexpr(2)
 SIGMOID = tl.constexpr(3)
 SILU = tl.constexpr(4)
 ABS = tl.constexpr(5)
-EXP_ACTIVATIONS = (2, 3, 4)
+RELU_BIT = tl.constexpr(1 << 1)
+TANH_BIT = tl.constexpr(1 << 2)
+SIGMOID_BIT = tl.constexpr(1 << 3)
+SILU_BIT = tl.constexpr(1 << 4)
+ABS_BIT = tl.constexpr(1 << 5)
 COEFFICIENTS = tl.constexpr(5)  # per (group, channel): mean (high, low parts), 1/std, gamma, beta
 GRADIENT_COEFFICIENTS = tl.constexpr(3)  # per (group, channel): k1, k2, k3
 MAX_CHUNK = 1024  # voxels per program of the reducing passes
@@ -86,8 +90,8 @@ class GateTables:
     out_channels: int
     max_source_fanout: int
     max_gate_fanout: int
-    has_gates: bool
-    needs_exp: bool  # some activation is tanh, sigmoid or silu
+    source_acts: int  # bit mask of the activation ids applied to sources
+    gate_acts: int  # bit mask of the activation ids applied to gates (0: no gate)
 
 
 def _check_table_shape(table: torch.Tensor, name: str) -> None:
@@ -144,13 +148,13 @@ def _build_gate_tables(host: torch.Tensor, act_scales: tuple[float, ...], channe
     scales = [[act_scales[act], act_scales[gate_act]] for _, act, _, gate_act in rows]
     source_table, max_source = _inverse_table(source_of)
     gate_table, max_gate = _inverse_table(gate_of)
-    used = {act for _, act, _, _ in rows} | {gate_act for _, _, gate, gate_act in rows if gate >= 0}
     return GateTables(
         rows=host.to(device=device, dtype=torch.int32),
         scales=torch.tensor(scales, dtype=torch.float64).reshape(len(rows), 2).to(device=device, dtype=dtype),
         source_of=source_table.to(device), gate_of=gate_table.to(device), out_channels=len(rows),
-        max_source_fanout=max_source, max_gate_fanout=max_gate, has_gates=any(row[2] >= 0 for row in rows),
-        needs_exp=bool(used & set(EXP_ACTIVATIONS)))
+        max_source_fanout=max_source, max_gate_fanout=max_gate,
+        source_acts=sum({1 << act for _, act, _, _ in rows}),
+        gate_acts=sum({1 << gate_act for _, _, gate, gate_act in rows if gate >= 0}))
 
 
 def gate_tables(gates: torch.Tensor, act_scales, channels: int, dtype: torch.dtype) -> GateTables:
@@ -219,39 +223,44 @@ def _tile_offsets(channel, voxel, stride_c, stride_n, CHANNELS_LAST: tl.constexp
 
 
 @triton.jit
-def _sigmoid_tanh(v):
-    e = tl.exp(-tl.abs(v))
-    r = 1.0 / (1.0 + e)
-    sigmoid = tl.where(v >= 0, r, e * r)
-    e2 = e * e
-    tanh_abs = (1.0 - e2) / (1.0 + e2)
-    return sigmoid, tl.where(v >= 0, tanh_abs, -tanh_abs)
+def _sigmoid(v):
+    return 1.0 / (1.0 + tl.exp(-v))
 
 
 @triton.jit
-def _activation(v, act, NEEDS_EXP: tl.constexpr):
-    """act(v) elementwise, ``act`` the activation id (broadcast against ``v``)."""
-    out = tl.where(act == RELU, tl.where(v > 0, v, 0.0), v)
-    out = tl.where(act == ABS, tl.abs(v), out)
-    if NEEDS_EXP:
-        sigmoid, tanh = _sigmoid_tanh(v)
-        out = tl.where(act == TANH, tanh, out)
+def _activation(v, act, ACTS: tl.constexpr):
+    """act(v) elementwise, ``act`` the activation id (broadcast against ``v``); ``ACTS``: the bit mask
+    of the ids that occur, so that only those are evaluated (exp only for tanh, sigmoid, silu).
+    The constant comes first in ``BIT & ACTS``: the interpreter has no int & constexpr."""
+    out = v
+    if RELU_BIT & ACTS:
+        out = tl.where(act == RELU, tl.where(v > 0, v, 0.0), out)
+    if ABS_BIT & ACTS:
+        out = tl.where(act == ABS, tl.abs(v), out)
+    if (SIGMOID_BIT | SILU_BIT) & ACTS:
+        sigmoid = _sigmoid(v)
         out = tl.where(act == SIGMOID, sigmoid, out)
         out = tl.where(act == SILU, v * sigmoid, out)
+    if TANH_BIT & ACTS:
+        out = tl.where(act == TANH, 2.0 * _sigmoid(2.0 * v) - 1.0, out)
     return out
 
 
 @triton.jit
-def _activation_derivative(v, act, NEEDS_EXP: tl.constexpr):
-    """act'(v) elementwise (relu'(0) = abs'(0) = 0, as torch)."""
-    positive = (v > 0).to(v.dtype)
-    out = tl.where(act == RELU, positive, 1.0)
-    out = tl.where(act == ABS, positive - (v < 0).to(v.dtype), out)
-    if NEEDS_EXP:
-        sigmoid, tanh = _sigmoid_tanh(v)
-        out = tl.where(act == TANH, 1.0 - tanh * tanh, out)
+def _activation_derivative(v, act, ACTS: tl.constexpr):
+    """act'(v) elementwise (relu'(0) = abs'(0) = 0, as torch); ``ACTS`` as for :func:`_activation`."""
+    out = tl.full(v.shape, 1.0, v.dtype)
+    if RELU_BIT & ACTS:
+        out = tl.where(act == RELU, (v > 0).to(v.dtype), out)
+    if ABS_BIT & ACTS:
+        out = tl.where(act == ABS, (v > 0).to(v.dtype) - (v < 0).to(v.dtype), out)
+    if (SIGMOID_BIT | SILU_BIT) & ACTS:
+        sigmoid = _sigmoid(v)
         out = tl.where(act == SIGMOID, sigmoid * (1.0 - sigmoid), out)
         out = tl.where(act == SILU, sigmoid * (1.0 + v * (1.0 - sigmoid)), out)
+    if TANH_BIT & ACTS:
+        tanh = 2.0 * _sigmoid(2.0 * v) - 1.0
+        out = tl.where(act == TANH, 1.0 - tanh * tanh, out)
     return out
 
 
@@ -386,8 +395,9 @@ def _coefficients_kernel(coef_ptr, fields_ptr, partial_ptr, x_ptr, mean_in_ptr, 
 @triton.jit
 def _apply_kernel(x_ptr, y_ptr, coef_ptr, rows_ptr, scales_ptr, N, C_in, C_out,
                   x_sb, x_sc, x_sn, y_sb, y_sc, y_sn,
-                  INSTANCE: tl.constexpr, NORMALIZE: tl.constexpr, HAS_GATES: tl.constexpr, NEEDS_EXP: tl.constexpr,
-                  OPMATH: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+                  INSTANCE: tl.constexpr, NORMALIZE: tl.constexpr, SOURCE_ACTS: tl.constexpr,
+                  GATE_ACTS: tl.constexpr, OPMATH: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                  BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
     """y[o] = a act(z[source]) * (a' gate_act(z[gate]) or 1) for a tile of output channels and voxels
     (grid: voxel blocks, output channel blocks, batch)."""
     b = tl.program_id(2)
@@ -396,24 +406,24 @@ def _apply_kernel(x_ptr, y_ptr, coef_ptr, rows_ptr, scales_ptr, N, C_in, C_out,
     out_ok = out < C_out
     out = tl.where(out_ok, out, 0)
     row = rows_ptr + out * 4
-    source = tl.load(row)
-    gate = tl.load(row + 2)
     mask = _per_channel(out_ok, CHANNELS_LAST) & _per_voxel(voxel < N, CHANNELS_LAST)
     x_base = x_ptr + b.to(tl.int64) * x_sb
     coef_group = coef_ptr  # statistics group 0, or sample b's in instance mode
     if INSTANCE:
         coef_group = coef_ptr + b * C_in * COEFFICIENTS
-    _, z = _standardized(x_base, coef_group, source, voxel, mask, x_sc, x_sn, OPMATH, NORMALIZE, CHANNELS_LAST)
+    _, z = _standardized(x_base, coef_group, tl.load(row), voxel, mask, x_sc, x_sn, OPMATH, NORMALIZE,
+                         CHANNELS_LAST)
     act = _per_channel(tl.load(row + 1), CHANNELS_LAST)
-    y = _per_channel(tl.load(scales_ptr + out * 2), CHANNELS_LAST) * _activation(z, act, NEEDS_EXP)
-    if HAS_GATES:
-        gated = _per_channel(gate >= 0, CHANNELS_LAST)
-        _, z_gate = _standardized(x_base, coef_group, tl.maximum(gate, 0), voxel, mask & gated, x_sc, x_sn, OPMATH,
-                                  NORMALIZE, CHANNELS_LAST)
-        gate_act = _per_channel(tl.load(row + 3), CHANNELS_LAST)
-        factor = _per_channel(tl.load(scales_ptr + out * 2 + 1), CHANNELS_LAST) * _activation(z_gate, gate_act,
-                                                                                                NEEDS_EXP)
-        y = tl.where(gated, y * factor, y)
+    y = _per_channel(tl.load(scales_ptr + out * 2), CHANNELS_LAST) * _activation(z, act, SOURCE_ACTS)
+    if GATE_ACTS != 0:
+        gate = tl.where(out_ok, tl.load(row + 2), -1)
+        if tl.max(gate, axis=0) >= 0:  # some output channel of the tile is gated
+            gated = _per_channel(gate >= 0, CHANNELS_LAST)
+            _, z_gate = _standardized(x_base, coef_group, tl.maximum(gate, 0), voxel, mask & gated, x_sc, x_sn,
+                                      OPMATH, NORMALIZE, CHANNELS_LAST)
+            gate_act = _per_channel(tl.load(row + 3), CHANNELS_LAST)
+            gate_scale = _per_channel(tl.load(scales_ptr + out * 2 + 1), CHANNELS_LAST)
+            y = tl.where(gated, y * gate_scale * _activation(z_gate, gate_act, GATE_ACTS), y)
     y_offsets = b.to(tl.int64) * y_sb + _tile_offsets(out, voxel, y_sc, y_sn, CHANNELS_LAST)
     tl.store(y_ptr + y_offsets, to_element_type(y, y_ptr), mask=mask)
 
@@ -421,48 +431,52 @@ def _apply_kernel(x_ptr, y_ptr, coef_ptr, rows_ptr, scales_ptr, N, C_in, C_out,
 @triton.jit
 def _gate_gradient(x_base, dy_base, coef_group, rows_ptr, scales_ptr, source_of_ptr, gate_of_ptr, channel, channel_ok,
                    voxel, voxel_ok, z, x_sc, x_sn, dy_sc, dy_sn,
-                   NORMALIZE: tl.constexpr, HAS_GATES: tl.constexpr, NEEDS_EXP: tl.constexpr,
+                   NORMALIZE: tl.constexpr, SOURCE_ACTS: tl.constexpr, GATE_ACTS: tl.constexpr,
                    MAX_SOURCE_FANOUT: tl.constexpr, MAX_GATE_FANOUT: tl.constexpr, OPMATH: tl.constexpr,
                    CHANNELS_LAST: tl.constexpr):
-    """dL/dz of the tile's input channels: the outputs that read each channel as source, then as gate."""
+    """dL/dz of the tile's input channels: the outputs that read each channel as source, then as
+    gate (a fan-out step that no channel of the tile has is skipped)."""
     grad = tl.zeros(z.shape, OPMATH)
     for j in tl.static_range(MAX_SOURCE_FANOUT):
         out = tl.load(source_of_ptr + channel * MAX_SOURCE_FANOUT + j)
         present = channel_ok & (out >= 0)
-        out = tl.maximum(out, 0)
-        row = rows_ptr + out * 4
-        mask = _per_channel(present, CHANNELS_LAST) & voxel_ok
-        dy = tl.load(dy_base + _tile_offsets(out, voxel, dy_sc, dy_sn, CHANNELS_LAST), mask=mask, other=0.0)
-        act = _per_channel(tl.load(row + 1), CHANNELS_LAST)
-        scale = _per_channel(tl.load(scales_ptr + out * 2), CHANNELS_LAST)
-        term = dy.to(OPMATH) * scale * _activation_derivative(z, act, NEEDS_EXP)
-        if HAS_GATES:
-            gate = tl.load(row + 2)
-            gated = present & (gate >= 0)
-            _, z_gate = _standardized(x_base, coef_group, tl.maximum(gate, 0), voxel,
-                                      _per_channel(gated, CHANNELS_LAST) & voxel_ok, x_sc, x_sn, OPMATH, NORMALIZE,
-                                      CHANNELS_LAST)
-            gate_act = _per_channel(tl.load(row + 3), CHANNELS_LAST)
-            gate_scale = _per_channel(tl.load(scales_ptr + out * 2 + 1), CHANNELS_LAST)
-            term = tl.where(_per_channel(gated, CHANNELS_LAST), term * gate_scale * _activation(z_gate, gate_act,
-                                                                                                 NEEDS_EXP), term)
-        grad += term
-    if HAS_GATES:
-        for j in tl.static_range(MAX_GATE_FANOUT):
-            out = tl.load(gate_of_ptr + channel * MAX_GATE_FANOUT + j)
-            present = channel_ok & (out >= 0)
+        if tl.max(present.to(tl.int32), axis=0) > 0:
             out = tl.maximum(out, 0)
             row = rows_ptr + out * 4
             mask = _per_channel(present, CHANNELS_LAST) & voxel_ok
             dy = tl.load(dy_base + _tile_offsets(out, voxel, dy_sc, dy_sn, CHANNELS_LAST), mask=mask, other=0.0)
-            _, z_source = _standardized(x_base, coef_group, tl.load(row), voxel, mask, x_sc, x_sn, OPMATH, NORMALIZE,
-                                        CHANNELS_LAST)
             act = _per_channel(tl.load(row + 1), CHANNELS_LAST)
-            gate_act = _per_channel(tl.load(row + 3), CHANNELS_LAST)
             scale = _per_channel(tl.load(scales_ptr + out * 2), CHANNELS_LAST)
-            gate_scale = _per_channel(tl.load(scales_ptr + out * 2 + 1), CHANNELS_LAST)
-            grad += (dy.to(OPMATH) * scale * _activation(z_source, act, NEEDS_EXP) * gate_scale
-                     * _activation_derivative(z, gate_act, NEEDS_EXP))
+            term = dy.to(OPMATH) * scale * _activation_derivative(z, act, SOURCE_ACTS)
+            if GATE_ACTS != 0:
+                gate = tl.load(row + 2)
+                gated = present & (gate >= 0)
+                if tl.max(gated.to(tl.int32), axis=0) > 0:
+                    _, z_gate = _standardized(x_base, coef_group, tl.maximum(gate, 0), voxel,
+                                              _per_channel(gated, CHANNELS_LAST) & voxel_ok, x_sc, x_sn, OPMATH,
+                                              NORMALIZE, CHANNELS_LAST)
+                    gate_act = _per_channel(tl.load(row + 3), CHANNELS_LAST)
+                    gate_scale = _per_channel(tl.load(scales_ptr + out * 2 + 1), CHANNELS_LAST)
+                    factor = gate_scale * _activation(z_gate, gate_act, GATE_ACTS)
+                    term = tl.where(_per_channel(gated, CHANNELS_LAST), term * factor, term)
+            grad += term
+    if GATE_ACTS != 0:
+        for j in tl.static_range(MAX_GATE_FANOUT):
+            out = tl.load(gate_of_ptr + channel * MAX_GATE_FANOUT + j)
+            present = channel_ok & (out >= 0)
+            if tl.max(present.to(tl.int32), axis=0) > 0:
+                out = tl.maximum(out, 0)
+                row = rows_ptr + out * 4
+                mask = _per_channel(present, CHANNELS_LAST) & voxel_ok
+                dy = tl.load(dy_base + _tile_offsets(out, voxel, dy_sc, dy_sn, CHANNELS_LAST), mask=mask, other=0.0)
+                _, z_source = _standardized(x_base, coef_group, tl.load(row), voxel, mask, x_sc, x_sn, OPMATH,
+                                            NORMALIZE, CHANNELS_LAST)
+                act = _per_channel(tl.load(row + 1), CHANNELS_LAST)
+                gate_act = _per_channel(tl.load(row + 3), CHANNELS_LAST)
+                scale = _per_channel(tl.load(scales_ptr + out * 2), CHANNELS_LAST)
+                gate_scale = _per_channel(tl.load(scales_ptr + out * 2 + 1), CHANNELS_LAST)
+                grad += (dy.to(OPMATH) * scale * _activation(z_source, act, SOURCE_ACTS) * gate_scale
+                         * _activation_derivative(z, gate_act, GATE_ACTS))
     return grad
 
 
@@ -470,8 +484,8 @@ def _gate_gradient(x_base, dy_base, coef_group, rows_ptr, scales_ptr, source_of_
 def _backward_kernel(x_ptr, dy_ptr, dx_ptr, coef_ptr, gcoef_ptr, rows_ptr, scales_ptr, source_of_ptr, gate_of_ptr,
                      partial_ptr, N, C_in, x_sb, x_sc, x_sn, dy_sb, dy_sc, dy_sn, dx_sb, dx_sc, dx_sn,
                      INSTANCE: tl.constexpr, NORMALIZE: tl.constexpr, BATCH_STATISTICS: tl.constexpr,
-                     ACCUMULATE: tl.constexpr, WRITE: tl.constexpr, HAS_GATES: tl.constexpr,
-                     NEEDS_EXP: tl.constexpr, MAX_SOURCE_FANOUT: tl.constexpr, MAX_GATE_FANOUT: tl.constexpr,
+                     ACCUMULATE: tl.constexpr, WRITE: tl.constexpr, SOURCE_ACTS: tl.constexpr,
+                     GATE_ACTS: tl.constexpr, MAX_SOURCE_FANOUT: tl.constexpr, MAX_GATE_FANOUT: tl.constexpr,
                      OPMATH: tl.constexpr, CHUNK: tl.constexpr, CHANNELS_LAST: tl.constexpr,
                      BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
     """One backward pass over a chunk of voxels and a block of input channels: recompute z and
@@ -512,8 +526,8 @@ def _backward_kernel(x_ptr, dy_ptr, dx_ptr, coef_ptr, gcoef_ptr, rows_ptr, scale
         x_hat, z = _standardized(x_base, coef_group, channel, voxel, mask, x_sc, x_sn, OPMATH, NORMALIZE,
                                  CHANNELS_LAST)
         grad = _gate_gradient(x_base, dy_base, coef_group, rows_ptr, scales_ptr, source_of_ptr, gate_of_ptr, channel,
-                              channel_ok, voxel, voxel_ok, z, x_sc, x_sn, dy_sc, dy_sn, NORMALIZE, HAS_GATES,
-                              NEEDS_EXP, MAX_SOURCE_FANOUT, MAX_GATE_FANOUT, OPMATH, CHANNELS_LAST)
+                              channel_ok, voxel, voxel_ok, z, x_sc, x_sn, dy_sc, dy_sn, NORMALIZE, SOURCE_ACTS,
+                              GATE_ACTS, MAX_SOURCE_FANOUT, MAX_GATE_FANOUT, OPMATH, CHANNELS_LAST)
         if ACCUMULATE:
             grad = tl.where(mask, grad, 0.0)
             sums += grad
@@ -744,7 +758,7 @@ def _apply(p: _Problem, coef: torch.Tensor | None, y: torch.Tensor) -> None:
                          p.batch)
     _APPLY[p.channels_last][grid](
         p.x, y, _pointer(coef, p.x), g.rows, g.scales, p.voxels, p.channels, out_channels, x_sb, x_sc, x_sn, y_sb, y_sc, y_sn, INSTANCE=p.instance,
-        NORMALIZE=p.mode != MODE_NONE, HAS_GATES=g.has_gates, NEEDS_EXP=g.needs_exp, OPMATH=tl_dtype(p.opmath),
+        NORMALIZE=p.mode != MODE_NONE, SOURCE_ACTS=g.source_acts, GATE_ACTS=g.gate_acts, OPMATH=tl_dtype(p.opmath),
         CHANNELS_LAST=p.channels_last)
 
 
@@ -795,8 +809,8 @@ def _backward_pass(p: _Problem, grad_y: torch.Tensor, grad_x: torch.Tensor, coef
         p.x, grad_y, grad_x, _pointer(coef, p.x), _pointer(gcoef, p.x), g.rows, g.scales, _pointer(g.source_of, g.rows),
         _pointer(g.gate_of, g.rows), _pointer(partial, p.x), p.voxels, p.channels, *voxel_strides(p.x),
         *voxel_strides(grad_y), *voxel_strides(grad_x), INSTANCE=p.instance, NORMALIZE=p.mode != MODE_NONE,
-        BATCH_STATISTICS=gcoef is not None, ACCUMULATE=accumulate, WRITE=write, HAS_GATES=g.has_gates,
-        NEEDS_EXP=g.needs_exp, MAX_SOURCE_FANOUT=g.max_source_fanout, MAX_GATE_FANOUT=g.max_gate_fanout,
+        BATCH_STATISTICS=gcoef is not None, ACCUMULATE=accumulate, WRITE=write, SOURCE_ACTS=g.source_acts,
+        GATE_ACTS=g.gate_acts, MAX_SOURCE_FANOUT=g.max_source_fanout, MAX_GATE_FANOUT=g.max_gate_fanout,
         OPMATH=tl_dtype(p.opmath), CHUNK=chunk, CHANNELS_LAST=p.channels_last)
     return partial, chunks
 

@@ -188,7 +188,11 @@ def _window_scores(x_corner, offset, mask, dim, OPMATH: tl.constexpr, CHANNELS_L
     """Components at window offset ``offset`` and their score (value for d = 1, else the norm)."""
     values = tl.load(x_corner + offset, mask=mask, other=0.0)
     v = values.to(OPMATH)
-    norm = tl.sqrt(_over_components(v * v, CHANNELS_LAST))
+    squares = _over_components(v * v, CHANNELS_LAST)
+    if OPMATH == tl.float64:
+        norm = tl.sqrt(squares)
+    else:
+        norm = tl.sqrt_rn(squares)  # correctly rounded, as the reference's norms (tl.sqrt is approximate)
     score = tl.where(dim == 1, _over_components(v, CHANNELS_LAST), norm)
     return values, score
 
