@@ -167,15 +167,23 @@ def _spread_over_components(tile, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
-def _field_voxel(field, voxel, CHANNELS_LAST: tl.constexpr):
-    """Field and voxel vectors as broadcastable [fields, voxels] / [voxels, fields] operands."""
+def _per_field_2d(v, CHANNELS_LAST: tl.constexpr):
+    """A vector over fields, broadcastable against [fields, voxels] / [voxels, fields] tiles."""
     if CHANNELS_LAST:
-        f = field[None, :]
-        n = voxel[:, None]
+        out = v[None, :]
     else:
-        f = field[:, None]
-        n = voxel[None, :]
-    return f, n
+        out = v[:, None]
+    return out
+
+
+@triton.jit
+def _per_voxel_2d(v, CHANNELS_LAST: tl.constexpr):
+    """A vector over voxels, broadcastable against [fields, voxels] / [voxels, fields] tiles."""
+    if CHANNELS_LAST:
+        out = v[:, None]
+    else:
+        out = v[None, :]
+    return out
 
 
 @triton.jit
@@ -226,7 +234,7 @@ def _pool_kernel(x_ptr, y_ptr, argmax_ptr, fields_ptr, F, OX, OY, OZ,
     channel = _per_field(start, CHANNELS_LAST) + _per_component(m, CHANNELS_LAST)
     mask = _per_field(field_ok, CHANNELS_LAST) & (_per_component(m, CHANNELS_LAST) < _per_field(dim, CHANNELS_LAST))
     mask = mask & _per_voxel(o_ok, CHANNELS_LAST)
-    field_dim, _ = _field_voxel(dim, o, CHANNELS_LAST)
+    field_dim = _per_field_2d(dim, CHANNELS_LAST)
     corner = _spatial_offset(ox * SX, oy * SY, oz * SZ, x_sx, x_sy, x_sz)
     x_corner = x_ptr + b.to(tl.int64) * x_sb + channel.to(tl.int64) * x_sc + _per_voxel(corner, CHANNELS_LAST)
     # Window position 0 starts the search (it wins every tie, and a value of -inf).
@@ -244,10 +252,10 @@ def _pool_kernel(x_ptr, y_ptr, argmax_ptr, fields_ptr, F, OX, OY, OZ,
     y_offsets = (b.to(tl.int64) * y_sb + channel.to(tl.int64) * y_sc
                  + _per_voxel(_spatial_offset(ox, oy, oz, y_sx, y_sy, y_sz), CHANNELS_LAST))
     tl.store(y_ptr + y_offsets, values, mask=mask)
-    f2, o2 = _field_voxel(field, o, CHANNELS_LAST)
-    f_ok2, o_ok2 = _field_voxel(field_ok, o_ok, CHANNELS_LAST)
-    argmax_offsets = (b * F + f2).to(tl.int64) * out_voxels + o2
-    tl.store(argmax_ptr + argmax_offsets, position.to(argmax_ptr.dtype.element_ty), mask=f_ok2 & o_ok2)
+    argmax_offsets = (b * F + _per_field_2d(field, CHANNELS_LAST)).to(tl.int64) * out_voxels + _per_voxel_2d(
+        o, CHANNELS_LAST)
+    argmax_mask = _per_field_2d(field_ok, CHANNELS_LAST) & _per_voxel_2d(o_ok, CHANNELS_LAST)
+    tl.store(argmax_ptr + argmax_offsets, position.to(argmax_ptr.dtype.element_ty), mask=argmax_mask)
 
 
 @triton.jit
@@ -283,10 +291,9 @@ def _unpool_kernel(dy_ptr, argmax_ptr, dx_ptr, fields_ptr, F, NX, NY, NZ, OX, OY
     channel = _per_field(start, CHANNELS_LAST) + _per_component(m, CHANNELS_LAST)
     mask = _per_field(field_ok, CHANNELS_LAST) & (_per_component(m, CHANNELS_LAST) < _per_field(dim, CHANNELS_LAST))
     mask = mask & _per_voxel(n_ok, CHANNELS_LAST)
-    f2, _ = _field_voxel(field, n, CHANNELS_LAST)
-    f_ok2, _ = _field_voxel(field_ok, n, CHANNELS_LAST)
+    field_ok2 = _per_field_2d(field_ok, CHANNELS_LAST)
     dy_fields = dy_ptr + b.to(tl.int64) * dy_sb + channel.to(tl.int64) * dy_sc
-    argmax_fields = argmax_ptr + (b * F + f2).to(tl.int64) * (OX * OY * OZ)
+    argmax_fields = argmax_ptr + (b * F + _per_field_2d(field, CHANNELS_LAST)).to(tl.int64) * (OX * OY * OZ)
     grad = tl.zeros(mask.shape, OPMATH)
     for cx in range((KX + SX - 1) // SX):
         ox, rx, ok_x = _window_start(nx, SX, KX, OX, cx)
@@ -294,12 +301,10 @@ def _unpool_kernel(dy_ptr, argmax_ptr, dx_ptr, fields_ptr, F, NX, NY, NZ, OX, OY
             oy, ry, ok_y = _window_start(ny, SY, KY, OY, cy)
             for cz in range((KZ + SZ - 1) // SZ):
                 oz, rz, ok_z = _window_start(nz, SZ, KZ, OZ, cz)
-                inside = n_ok & ok_x & ok_y & ok_z
-                _, o2 = _field_voxel(field, (ox * OY + oy) * OZ + oz, CHANNELS_LAST)
-                _, inside2 = _field_voxel(field, inside, CHANNELS_LAST)
-                _, p2 = _field_voxel(field, (rx * KY + ry) * KZ + rz, CHANNELS_LAST)
-                chosen = tl.load(argmax_fields + o2, mask=f_ok2 & inside2, other=0).to(tl.int32)
-                hit = f_ok2 & inside2 & (chosen == p2)
+                inside = field_ok2 & _per_voxel_2d(n_ok & ok_x & ok_y & ok_z, CHANNELS_LAST)
+                window = _per_voxel_2d((ox * OY + oy) * OZ + oz, CHANNELS_LAST)
+                chosen = tl.load(argmax_fields + window, mask=inside, other=0).to(tl.int32)
+                hit = inside & (chosen == _per_voxel_2d((rx * KY + ry) * KZ + rz, CHANNELS_LAST))
                 offset = _per_voxel(_spatial_offset(ox, oy, oz, dy_sx, dy_sy, dy_sz), CHANNELS_LAST)
                 dy = tl.load(dy_fields + offset, mask=mask & _spread_over_components(hit, CHANNELS_LAST), other=0.0)
                 grad += dy.to(OPMATH)
