@@ -19,8 +19,7 @@ import e3fast
 from conftest import LAYOUTS, RTOL, TRITON_DEVICES, assert_relative, relative_error, to_layout
 from e3fast import native_extension
 from e3fast.irreps_layout import field_table
-from e3fast.ops import (NormGateSpec, assemble_kernel, assemble_kernel_reference, norm_gate, norm_gate_reference,
-                        norm_max_pool3d, norm_max_pool3d_reference)
+from e3fast.ops import NormGateSpec, assemble_kernel, norm_gate, norm_max_pool3d, norm_max_pool3d_reference
 from e3fast.steerable_basis import SteerableKernelBasis, voxel_convolution_basis
 from test_op_norm_gate import ALL_ACTIVATIONS, MODE_IDS, MODES, TYPICAL, make_parameters, random_specs
 
@@ -53,6 +52,25 @@ def test_schemas_match_the_native_ops(name):
     if native_extension.native_cpu_available():
         native = getattr(torch.ops.e3fast, name).default._schema
         assert str(triton_schema).replace(f"{name}_triton(", f"{name}(") == str(native)
+
+
+def test_table_digests_are_read_once_per_table():
+    from e3fast.triton_kernels import tables
+
+    builds = []
+
+    def build(host):
+        builds.append(host)
+        return len(builds)
+
+    table = torch.arange(6).reshape(3, 2)
+    assert tables.digest((table,), ("test",), build) == 1
+    assert tables.digest((table,), ("test",), build) == 1, "cached while the table is unchanged"
+    assert tables.digest((table,), ("other key",), build) == 2
+    table[0, 0] = 7
+    assert tables.digest((table,), ("test",), build) == 3, "read again after an in-place change"
+    assert tables.digest((table.clone(),), ("test",), build) == 4, "another tensor is another table"
+    assert torch.equal(builds[-1], table)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -526,8 +544,9 @@ def test_assembly_rejects_bad_tables(device):
     basis = make_basis("1x0e+1x1o", "1x0e+1x1o", irreps_sh="0e+1o", device=device)
     radial, sc, _ = assembly_inputs(basis, device, torch.float32)
     good = list(assembly_op_arguments(basis, radial, sc))
-    cases = {"int64": (3, basis.paths.int()), "basis has": (2, basis.basis[:-1]), "sc_scales has": (5, basis.sc_scales[:-1]),
-             "used by two": (3, torch.cat([basis.paths, basis.paths[:1]])), "kernel_size": (8, [3, 3])}
+    cases = {"int64": (3, basis.paths.int()), "basis has": (2, basis.basis[:-1]),
+             "sc_scales has": (5, basis.sc_scales[:-1]), "used by two": (3, torch.cat([basis.paths, basis.paths[:1]])),
+             "kernel_size": (8, [3, 3])}
     for message, (position, value) in cases.items():
         args = list(good)
         args[position] = value

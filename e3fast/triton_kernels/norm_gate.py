@@ -35,7 +35,9 @@ statistics (sums, then dx), once otherwise, recomputing ``z`` instead of storing
 two-stage: each program reduces a chunk of voxels in the arithmetic dtype (fp32 for fp32 and
 half precision) into per-(chunk, channel) partials, and one small kernel per field adds the
 partials in float64 in a fixed order (deterministic). Tiles are ``[channels, voxels]`` for NCDHW
-and ``[voxels, channels]`` for channels-last, so that the contiguous axis is the fastest.
+and ``[voxels, channels]`` for channels-last, so that the contiguous axis is the fastest. Only
+the activations that occur in the gate table are evaluated (compile-time bit masks), and tiles
+skip the gate work and the fan-out steps that none of their channels has.
 """
 from __future__ import annotations
 
@@ -218,7 +220,7 @@ def _tile_offsets(channel, voxel, stride_c, stride_n, CHANNELS_LAST: tl.constexp
 
 
 # ---------------------------------------------------------------------------------------------
-# Activations (ids of e3fast.gate_layout): one exp serves sigmoid, silu and tanh
+# Activations (ids of e3fast.gate_layout)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -754,11 +756,12 @@ def _apply(p: _Problem, coef: torch.Tensor | None, y: torch.Tensor) -> None:
     g = p.gates
     out_channels = g.out_channels
 
-    grid = lambda meta: (triton.cdiv(p.voxels, meta["BLOCK_N"]), triton.cdiv(out_channels, meta["BLOCK_C"]),  # noqa: E731
-                         p.batch)
+    def grid(meta):
+        return triton.cdiv(p.voxels, meta["BLOCK_N"]), triton.cdiv(out_channels, meta["BLOCK_C"]), p.batch
+
     _APPLY[p.channels_last][grid](
-        p.x, y, _pointer(coef, p.x), g.rows, g.scales, p.voxels, p.channels, out_channels, x_sb, x_sc, x_sn, y_sb, y_sc, y_sn, INSTANCE=p.instance,
-        NORMALIZE=p.mode != MODE_NONE, SOURCE_ACTS=g.source_acts, GATE_ACTS=g.gate_acts, OPMATH=tl_dtype(p.opmath),
+        p.x, y, _pointer(coef, p.x), g.rows, g.scales, p.voxels, p.channels, out_channels, x_sb, x_sc, x_sn, y_sb,
+        y_sc, y_sn, INSTANCE=p.instance, NORMALIZE=p.mode != MODE_NONE, SOURCE_ACTS=g.source_acts, GATE_ACTS=g.gate_acts, OPMATH=tl_dtype(p.opmath),
         CHANNELS_LAST=p.channels_last)
 
 

@@ -4,8 +4,9 @@ Same semantics as the C++ kernels (see :mod:`e3fast.ops.norm_max_pool`). For sam
 ``f = (start, d)`` and output voxel ``o`` with window positions ``p = (i k_y + j) k_z + k``:
 
 .. math::
-    \\text{score}(n) = x_{start}(n) \\;(d = 1), \\qquad \\text{score}(n) = \\Big(\\sum_{m<d} x_{start+m}(n)^2\\Big)^{1/2}
-    \\;(d > 1), \\qquad p^*(o) = \\text{first } p \\text{ of largest score (NaN wins)},
+    \\text{score}(n) = x_{start}(n) \\;(d = 1), \\qquad
+    \\text{score}(n) = \\Big(\\sum_{m<d} x_{start+m}(n)^2\\Big)^{1/2} \\;(d > 1), \\qquad
+    p^*(o) = \\text{first } p \\text{ of largest score (NaN wins)},
 
     y_{start+m}(o) = x_{start+m}(o s + p^*), \\qquad
     \\partial x_{start+m}(n) = \\sum_{o:\\; o s + p^*(o) = n} \\partial y_{start+m}(o)
@@ -31,8 +32,8 @@ import triton.language as tl
 
 from e3fast.triton_kernels import tables
 from e3fast.triton_kernels.conversions import to_element_type
-from e3fast.triton_kernels.layout import check_floating, dense_voxels, is_channels_last, memory_format_of, \
-    opmath_dtype, tl_dtype
+from e3fast.triton_kernels.layout import (check_floating, dense_voxels, is_channels_last, memory_format_of,
+                                          opmath_dtype, tl_dtype)
 from e3fast.triton_kernels.tuning import autotune
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ Kernels need facts about the tables as compile-time constants (the largest field
 fan-out of the gate table, ...) and derived device tables (inverse gate tables, per-row path
 lists). Reading a CUDA table on the host waits for the GPU, so a digest is built once per set of
 table tensors and extra key, and reused while those tensors live and are not modified (their
-version counters; inference tensors have none and count as unchanged). Tables made anew for every call (tests, opcheck) are simply read every time.
+version counters; inference tensors have none and count as unchanged). Tables made anew for
+every call (tests, opcheck, a traced ``torch.tensor``) are simply read every time.
 """
 from __future__ import annotations
 
