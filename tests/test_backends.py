@@ -89,6 +89,8 @@ assert len(messages) == 1, messages
 print("ok")
 """
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root, timeout=300)
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}  # no interpreted Triton either
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root, timeout=300,
+                            env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import torch
 
-from e3fast import backends, native_extension
+from e3fast import backends, native_extension, triton_kernels
 from e3fast.irreps_layout import check_same_device, check_same_dtype
 from e3fast.steerable_basis import SteerableKernelBasis
 
-IMPLEMENTED = ("reference", "cpu")
+IMPLEMENTED = ("reference", "cpu", "triton")
 
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:
@@ -60,8 +60,9 @@ def assemble_kernel_reference(radial_weight: torch.Tensor, sc_weight: torch.Tens
     return kernel.view(basis.out_dim, basis.in_dim, *basis.kernel_size).to(radial_weight.dtype)
 
 
-def _native_assemble(radial_weight, sc_weight, basis: SteerableKernelBasis) -> torch.Tensor:
-    return torch.ops.e3fast.assemble_kernel(
+def _native_assemble(radial_weight, sc_weight, basis: SteerableKernelBasis, backend: str) -> torch.Tensor:
+    op = torch.ops.e3fast.assemble_kernel_triton if backend == "triton" else torch.ops.e3fast.assemble_kernel
+    return op(
         radial_weight, sc_weight, basis.basis.to(radial_weight.dtype), basis.paths, basis.self_connections,
         basis.sc_scales, basis.out_dim, basis.in_dim, list(basis.kernel_size))
 
@@ -97,20 +98,23 @@ def assemble_kernel(radial_weight: torch.Tensor, sc_weight: torch.Tensor,
         return assemble_kernel_reference(radial_weight, sc_weight, basis)
     if basis.num_radial == 0:
         radial_weight = radial_weight.new_zeros(0, 0)
-    return _native_assemble(radial_weight, sc_weight, basis)
+    return _native_assemble(radial_weight, sc_weight, basis, backend)
 
 
-def _register_native() -> None:
-    """Shape functions and autograd of the C++/CUDA ops ``e3fast::assemble_kernel*``."""
+def _register_shape_and_autograd(forward: str, backward: str) -> None:
+    """Shape functions of ``e3fast::<forward>`` and ``e3fast::<backward>``, and the autograd of the
+    forward op through the backward op: shared by the C++/CUDA ops and their Triton twins."""
 
-    @torch.library.register_fake("e3fast::assemble_kernel")
+    @torch.library.register_fake(f"e3fast::{forward}")
     def _(radial_weight, sc_weight, basis, paths, self_connections, sc_scales, out_dim, in_dim, kernel_size):
         torch._check(radial_weight.dtype == sc_weight.dtype)
         return radial_weight.new_empty(out_dim, in_dim, *kernel_size)
 
-    @torch.library.register_fake("e3fast::assemble_kernel_backward")
+    @torch.library.register_fake(f"e3fast::{backward}")
     def _(grad_kernel, basis, paths, self_connections, sc_scales, num_radial, radial_numel, sc_numel):
         return (grad_kernel.new_empty(num_radial, radial_numel), grad_kernel.new_empty(sc_numel))
+
+    backward_op = getattr(torch.ops.e3fast, backward)
 
     def setup_context(ctx, inputs, output):
         radial_weight, sc_weight, basis, paths, self_connections, sc_scales, *_ = inputs
@@ -120,12 +124,34 @@ def _register_native() -> None:
 
     def backward(ctx, grad_kernel):
         basis, paths, self_connections = ctx.saved_tensors
-        grad_radial, grad_sc = torch.ops.e3fast.assemble_kernel_backward(
-            grad_kernel, basis, paths, self_connections, ctx.sc_scales, *ctx.shapes)
+        grad_radial, grad_sc = backward_op(grad_kernel, basis, paths, self_connections, ctx.sc_scales, *ctx.shapes)
         return grad_radial, grad_sc, None, None, None, None, None, None, None
 
-    torch.library.register_autograd("e3fast::assemble_kernel", backward, setup_context=setup_context)
+    torch.library.register_autograd(f"e3fast::{forward}", backward, setup_context=setup_context)
+
+
+def _define_triton_ops() -> None:
+    """``e3fast::assemble_kernel_triton`` and its backward: the native schemas, run by the kernels of
+    :mod:`e3fast.triton_kernels.kernel_assembly` (imported, with triton, on first call)."""
+
+    @torch.library.custom_op(
+        "e3fast::assemble_kernel_triton", mutates_args=(),
+        schema="(Tensor radial_weight, Tensor sc_weight, Tensor basis, Tensor paths, Tensor self_connections, "
+               "float[] sc_scales, int out_dim, int in_dim, int[] kernel_size) -> Tensor")
+    def _(radial_weight, sc_weight, basis, paths, self_connections, sc_scales, out_dim, in_dim, kernel_size):
+        return triton_kernels.load("kernel_assembly").assemble_kernel(
+            radial_weight, sc_weight, basis, paths, self_connections, sc_scales, out_dim, in_dim, kernel_size)
+
+    @torch.library.custom_op(
+        "e3fast::assemble_kernel_backward_triton", mutates_args=(),
+        schema="(Tensor grad_kernel, Tensor basis, Tensor paths, Tensor self_connections, float[] sc_scales, "
+               "int num_radial, int radial_numel, int sc_numel) -> (Tensor, Tensor)")
+    def _(grad_kernel, basis, paths, self_connections, sc_scales, num_radial, radial_numel, sc_numel):
+        return triton_kernels.load("kernel_assembly").assemble_kernel_backward(
+            grad_kernel, basis, paths, self_connections, sc_scales, num_radial, radial_numel, sc_numel)
 
 
 if native_extension.native_cpu_available():
-    _register_native()
+    _register_shape_and_autograd("assemble_kernel", "assemble_kernel_backward")
+_define_triton_ops()
+_register_shape_and_autograd("assemble_kernel_triton", "assemble_kernel_backward_triton")

@@ -32,11 +32,11 @@ from __future__ import annotations
 import torch
 from e3nn import o3
 
-from e3fast import backends, native_extension
+from e3fast import backends, native_extension, triton_kernels
 from e3fast.gate_layout import ACTIVATIONS, GateLayout, activation_scales, gate_layout, identity_layout
 from e3fast.irreps_layout import check_same_device, check_voxel_input, field_table, irrep_fields, irreps_channels
 
-IMPLEMENTED = ("reference", "cpu")
+IMPLEMENTED = ("reference", "cpu", "triton")
 
 # Statistics modes shared with the native kernels.
 MODE_NONE, MODE_INSTANCE, MODE_BATCH, MODE_RUNNING = 0, 1, 2, 3
@@ -208,9 +208,10 @@ def norm_gate(x: torch.Tensor, spec: NormGateSpec, weight: torch.Tensor | None =
     if backend == "reference":
         y, mean, var = norm_gate_reference(x, spec, weight, bias, running_mean, running_var, mode, eps)
     else:
+        op = torch.ops.e3fast.norm_gate_triton if backend == "triton" else torch.ops.e3fast.norm_gate
         fields, gates = spec.tables(x.device)
-        y, mean, var = torch.ops.e3fast.norm_gate(x, weight, bias, running_mean, running_var, fields, gates,
-                                                  spec.act_scales, spec.num_scalars, mode, eps)
+        y, mean, var = op(x, weight, bias, running_mean, running_var, fields, gates, spec.act_scales,
+                          spec.num_scalars, mode, eps)
     if mode == MODE_BATCH and running_mean is not None and running_var is not None:
         with torch.no_grad():
             running_mean.lerp_(mean.reshape(-1).to(running_mean.dtype), momentum)
@@ -218,10 +219,11 @@ def norm_gate(x: torch.Tensor, spec: NormGateSpec, weight: torch.Tensor | None =
     return y
 
 
-def _register_native() -> None:
-    """Shape functions and autograd of the C++/CUDA ops ``e3fast::norm_gate*``."""
+def _register_shape_and_autograd(forward: str, backward: str) -> None:
+    """Shape functions of ``e3fast::<forward>`` and ``e3fast::<backward>``, and the autograd of the
+    forward op through the backward op: shared by the C++/CUDA ops and their Triton twins."""
 
-    @torch.library.register_fake("e3fast::norm_gate")
+    @torch.library.register_fake(f"e3fast::{forward}")
     def _(x, weight, bias, running_mean, running_var, fields, gates, act_scales, num_scalars, mode, eps):
         stats_dtype = _opmath(x.dtype)
         batch = x.shape[0] if mode == MODE_INSTANCE else 1
@@ -231,11 +233,13 @@ def _register_native() -> None:
         return y, x.new_empty(batch, num_scalars, dtype=stats_dtype), x.new_empty(batch, num_fields,
                                                                                   dtype=stats_dtype)
 
-    @torch.library.register_fake("e3fast::norm_gate_backward")
+    @torch.library.register_fake(f"e3fast::{backward}")
     def _(grad_y, x, weight, bias, mean, var, fields, gates, act_scales, mode, eps):
         stats_dtype = _opmath(x.dtype)
         grad_x = torch.empty_like(x, memory_format=_memory_format(x))
         return grad_x, x.new_empty(fields.shape[0], dtype=stats_dtype), x.new_empty(mean.shape[1], dtype=stats_dtype)
+
+    backward_op = getattr(torch.ops.e3fast, backward)
 
     def setup_context(ctx, inputs, output):
         x, weight, bias, running_mean, running_var, fields, gates, act_scales, _, mode, eps = inputs
@@ -245,14 +249,37 @@ def _register_native() -> None:
 
     def backward(ctx, grad_y, _grad_mean, _grad_var):
         x, weight, bias, mean, var, fields, gates = ctx.saved_tensors
-        grad_x, grad_weight, grad_bias = torch.ops.e3fast.norm_gate_backward(
+        grad_x, grad_weight, grad_bias = backward_op(
             grad_y, x, weight, bias, mean, var, fields, gates, ctx.act_scales, ctx.mode, ctx.eps)
         grad_weight = grad_weight.to(weight.dtype) if weight is not None else None
         grad_bias = grad_bias.to(bias.dtype) if bias is not None else None
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None
 
-    torch.library.register_autograd("e3fast::norm_gate", backward, setup_context=setup_context)
+    torch.library.register_autograd(f"e3fast::{forward}", backward, setup_context=setup_context)
+
+
+def _define_triton_ops() -> None:
+    """``e3fast::norm_gate_triton`` and its backward: the native schemas, run by the kernels of
+    :mod:`e3fast.triton_kernels.norm_gate` (imported, with triton, on first call)."""
+
+    @torch.library.custom_op(
+        "e3fast::norm_gate_triton", mutates_args=(),
+        schema="(Tensor x, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, Tensor fields, "
+               "Tensor gates, float[] act_scales, int num_scalars, int mode, float eps) -> (Tensor, Tensor, Tensor)")
+    def _(x, weight, bias, running_mean, running_var, fields, gates, act_scales, num_scalars, mode, eps):
+        return triton_kernels.load("norm_gate").norm_gate(x, weight, bias, running_mean, running_var, fields, gates,
+                                                          act_scales, num_scalars, mode, eps)
+
+    @torch.library.custom_op(
+        "e3fast::norm_gate_backward_triton", mutates_args=(),
+        schema="(Tensor grad_y, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor var, Tensor fields, "
+               "Tensor gates, float[] act_scales, int mode, float eps) -> (Tensor, Tensor, Tensor)")
+    def _(grad_y, x, weight, bias, mean, var, fields, gates, act_scales, mode, eps):
+        return triton_kernels.load("norm_gate").norm_gate_backward(grad_y, x, weight, bias, mean, var, fields, gates,
+                                                                   act_scales, mode, eps)
 
 
 if native_extension.native_cpu_available():
-    _register_native()
+    _register_shape_and_autograd("norm_gate", "norm_gate_backward")
+_define_triton_ops()
+_register_shape_and_autograd("norm_gate_triton", "norm_gate_backward_triton")

@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from e3nn import o3
 
-from e3fast import backends, native_extension
+from e3fast import backends, native_extension, triton_kernels
 from e3fast.irreps_layout import IrrepsChannels, check_voxel_input, field_table, irreps_channels
 
-IMPLEMENTED = ("reference", "cpu")
+IMPLEMENTED = ("reference", "cpu", "triton")
 
 
 def _triple(value, name: str) -> tuple[int, int, int]:
@@ -101,7 +101,8 @@ def norm_max_pool3d(x: torch.Tensor, irreps, kernel_size, stride=None,
         return norm_max_pool3d_reference(x, irreps, kernel_size, stride)
     if fields is None:
         fields = _field_table(irreps.text, x.device)
-    y, _ = torch.ops.e3fast.norm_max_pool3d(x, fields, list(kernel_size), list(stride))
+    op = torch.ops.e3fast.norm_max_pool3d_triton if backend == "triton" else torch.ops.e3fast.norm_max_pool3d
+    y, _ = op(x, fields, list(kernel_size), list(stride))
     return y
 
 
@@ -111,20 +112,23 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _register_native() -> None:
-    """Shape functions and autograd of the C++/CUDA ops ``e3fast::norm_max_pool3d*``."""
+def _register_shape_and_autograd(forward: str, backward: str) -> None:
+    """Shape functions of ``e3fast::<forward>`` and ``e3fast::<backward>``, and the autograd of the
+    forward op through the backward op: shared by the C++/CUDA ops and their Triton twins."""
 
-    @torch.library.register_fake("e3fast::norm_max_pool3d")
+    @torch.library.register_fake(f"e3fast::{forward}")
     def _(x, fields, kernel_size, stride):
         out_size = pooled_size(x.shape[2:], kernel_size, stride)
         y = x.new_empty(x.shape[0], x.shape[1], *out_size).contiguous(memory_format=_memory_format(x))
         argmax = x.new_empty(x.shape[0], fields.shape[0], *out_size, dtype=argmax_dtype(kernel_size))
         return y, argmax
 
-    @torch.library.register_fake("e3fast::norm_max_pool3d_backward")
+    @torch.library.register_fake(f"e3fast::{backward}")
     def _(grad_y, argmax, fields, input_size, kernel_size, stride):
         grad_x = grad_y.new_empty(grad_y.shape[0], grad_y.shape[1], *input_size)
         return grad_x.contiguous(memory_format=_memory_format(grad_y))
+
+    backward_op = getattr(torch.ops.e3fast, backward)
 
     def setup_context(ctx, inputs, output):
         x, fields, kernel_size, stride = inputs
@@ -135,11 +139,32 @@ def _register_native() -> None:
 
     def backward(ctx, grad_y, _grad_argmax):
         argmax, fields = ctx.saved_tensors
-        grad_x = torch.ops.e3fast.norm_max_pool3d_backward(grad_y, argmax, fields, *ctx.geometry)
+        grad_x = backward_op(grad_y, argmax, fields, *ctx.geometry)
         return grad_x, None, None, None
 
-    torch.library.register_autograd("e3fast::norm_max_pool3d", backward, setup_context=setup_context)
+    torch.library.register_autograd(f"e3fast::{forward}", backward, setup_context=setup_context)
+
+
+def _define_triton_ops() -> None:
+    """``e3fast::norm_max_pool3d_triton`` and its backward: the native schemas, run by the kernels of
+    :mod:`e3fast.triton_kernels.norm_max_pool` (imported, with triton, on first call)."""
+
+    @torch.library.custom_op(
+        "e3fast::norm_max_pool3d_triton", mutates_args=(),
+        schema="(Tensor x, Tensor fields, int[] kernel_size, int[] stride) -> (Tensor, Tensor)")
+    def _(x, fields, kernel_size, stride):
+        return triton_kernels.load("norm_max_pool").norm_max_pool3d(x, fields, kernel_size, stride)
+
+    @torch.library.custom_op(
+        "e3fast::norm_max_pool3d_backward_triton", mutates_args=(),
+        schema="(Tensor grad_y, Tensor argmax, Tensor fields, int[] input_size, int[] kernel_size, "
+               "int[] stride) -> Tensor")
+    def _(grad_y, argmax, fields, input_size, kernel_size, stride):
+        return triton_kernels.load("norm_max_pool").norm_max_pool3d_backward(grad_y, argmax, fields, input_size,
+                                                                             kernel_size, stride)
 
 
 if native_extension.native_cpu_available():
-    _register_native()
+    _register_shape_and_autograd("norm_max_pool3d", "norm_max_pool3d_backward")
+_define_triton_ops()
+_register_shape_and_autograd("norm_max_pool3d_triton", "norm_max_pool3d_backward_triton")
