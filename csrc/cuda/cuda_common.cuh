@@ -65,8 +65,8 @@ inline void check_table(const at::Tensor& table, int64_t columns, const at::Devi
   check_device(table, device, op, name);
   TORCH_CHECK(table.scalar_type() == at::kLong, op, ": ", name, " must be int64, got ", table.scalar_type());
   const bool shape_ok = table.dim() == 2 && (columns >= 0 ? table.size(1) == columns : table.size(1) >= -columns);
-  TORCH_CHECK(shape_ok, op, ": ", name, " must have shape [rows, ", columns >= 0 ? columns : -columns, "], got ",
-              table.sizes());
+  TORCH_CHECK(shape_ok, op, ": ", name, " must have shape [rows, ", columns >= 0 ? "" : "at least ",
+              columns >= 0 ? columns : -columns, "], got ", table.sizes());
   TORCH_CHECK(table.size(0) < std::numeric_limits<int32_t>::max(), op, ": ", name, " has too many rows");
 }
 

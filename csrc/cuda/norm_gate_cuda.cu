@@ -120,13 +120,21 @@ __device__ T activation(int act, T v) {
 // e3nn's second-moment normalization constant of every activation id.
 template <typename T>
 struct ActivationScales {
-  T value[kNumActivations];
+  T values[kNumActivations];
+
+  // values[act] by selects: a dynamic index would copy the kernel argument to local memory.
+  __device__ T operator[](int act) const {
+    T scale = values[0];
+#pragma unroll
+    for (int i = 1; i < kNumActivations; ++i) scale = act == i ? values[i] : scale;
+    return scale;
+  }
 };
 
 template <typename T>
 ActivationScales<T> activation_scales(c10::ArrayRef<double> act_scales) {
   ActivationScales<T> scales;
-  for (int i = 0; i < kNumActivations; ++i) scales.value[i] = static_cast<T>(act_scales[i]);
+  for (int i = 0; i < kNumActivations; ++i) scales.values[i] = static_cast<T>(act_scales[i]);
   return scales;
 }
 
@@ -558,8 +566,8 @@ __global__ void gate_outputs_kernel(const scalar_t* __restrict__ x, VoxelLayout 
       return (static_cast<acc_t>(x[x_layout.offset(b, channel, n)]) - kc.mean) * kc.scale + kc.beta;
     };
     const int4 row = tables.gate_rows[c];  // source, act, gate, gate act
-    acc_t value = scales.value[row.y] * activation(row.y, z(row.x));
-    if (row.z >= 0) value = value * (scales.value[row.w] * activation(row.w, z(row.z)));
+    acc_t value = scales[row.y] * activation(row.y, z(row.x));
+    if (row.z >= 0) value = value * (scales[row.w] * activation(row.w, z(row.z)));
     y[e] = static_cast<scalar_t>(value);
   }
 }
@@ -709,19 +717,19 @@ struct GateBackward {
     for (int k = tables.use_begin[c]; k < tables.use_begin[c + 1]; ++k) {
       const int use = tables.uses[k], out = use >> 1;
       const int4 row = tables.gate_rows[out];  // source, act, gate, gate act
-      const acc_t g = static_cast<acc_t>(grad_y[grad_layout.offset(b, out, n)]) * scales.value[row.y];
+      const acc_t g = static_cast<acc_t>(grad_y[grad_layout.offset(b, out, n)]) * scales[row.y];
       if ((use & 1) == 0) {  // c is the output's source
         acc_t derivative;
         activation(row.y, z_c, derivative);
         if (row.z < 0) {
           sum += g * derivative;
         } else {
-          sum += g * derivative * (scales.value[row.w] * activation(row.w, z_of(b, row.z, n)));
+          sum += g * derivative * (scales[row.w] * activation(row.w, z_of(b, row.z, n)));
         }
       } else {  // c is the output's gate
         acc_t gate_derivative;
         activation(row.w, z_c, gate_derivative);
-        sum += g * activation(row.y, z_of(b, row.x, n)) * (scales.value[row.w] * gate_derivative);
+        sum += g * activation(row.y, z_of(b, row.x, n)) * (scales[row.w] * gate_derivative);
       }
     }
     return sum;
