@@ -63,7 +63,7 @@ def test_the_cuda_sources_exist():
 
 
 def test_every_cuda_source_compiles(tmp_path):
-    with ThreadPoolExecutor(max_workers=max(1, min(len(SOURCES), os.cpu_count() or 1))) as pool:
+    with ThreadPoolExecutor(max_workers=len(SOURCES)) as pool:  # nvcc runs its phases one by one
         results = list(pool.map(lambda source: compile_source(source, tmp_path), SOURCES))
     failures = [f"{source.name}:\n{result.stdout}{result.stderr}" for source, result in results
                 if result.returncode != 0]
