@@ -63,7 +63,7 @@ inline void check_device(const at::Tensor& t, const at::Device& device, const ch
 inline void check_table(const at::Tensor& table, int64_t columns, const at::Device& device, const char* op,
                         const char* name) {
   check_device(table, device, op, name);
-  TORCH_CHECK(table.scalar_type() == at::kLong, op, ": ", name, " must be int64, got ", table.scalar_type());
+  TORCH_CHECK(table.scalar_type() == at::kLong, op, ": ", name, " must be an int64 tensor, got ", table.scalar_type());
   const bool shape_ok = table.dim() == 2 && (columns >= 0 ? table.size(1) == columns : table.size(1) >= -columns);
   TORCH_CHECK(shape_ok, op, ": ", name, " must have shape [rows, ", columns >= 0 ? "" : "at least ",
               columns >= 0 ? columns : -columns, "], got ", table.sizes());

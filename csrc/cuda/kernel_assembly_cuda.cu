@@ -91,7 +91,7 @@ __global__ void __launch_bounds__(kCheckThreads)
     CUDA_KERNEL_ASSERT(r.in_offset + r.in_mul * r.in_dim <= g.in_dim && r.out_offset + r.out_mul * r.out_dim <= g.out_dim &&
                        "e3fast::assemble_kernel: a paths row addresses channels outside the kernel");
     CUDA_KERNEL_ASSERT(r.basis_offset + g.taps * r.in_dim * r.out_dim * g.num_radial <= basis_numel &&
-                       "e3fast::assemble_kernel: a paths row needs basis entries beyond the basis");
+                       "e3fast::assemble_kernel: a paths row needs more basis entries than the basis has");
     CUDA_KERNEL_ASSERT((r.in_mul == 0 || r.out_mul == 0 ||
                         r.weight_offset + (r.in_mul - 1) * r.weight_u_stride + r.out_mul <= g.radial_numel) &&
                        "e3fast::assemble_kernel: a paths row addresses radial weight columns beyond radial_numel");

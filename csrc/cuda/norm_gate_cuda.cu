@@ -212,7 +212,7 @@ __device__ void prepare_fields(const int64_t* fields, int num_fields, int channe
     done = done + chunk;
   }
   if (threadIdx.x == 0) {
-    CUDA_KERNEL_ASSERT(done.dims == channels && "e3fast::norm_gate: the fields must cover the input channels");
+    CUDA_KERNEL_ASSERT(done.dims == channels && "e3fast::norm_gate: the fields cover more or fewer channels than the input has");
     CUDA_KERNEL_ASSERT((num_scalars < 0 || done.scalars == num_scalars) &&
                        "e3fast::norm_gate: num_scalars must equal the number of scalar fields");
   }
@@ -225,8 +225,8 @@ __device__ void prepare_gates(const int64_t* gates, int out_channels, int channe
     const int64_t source = row[0], act = row[1], gate = row[2], gate_act = row[3];
     const bool valid = source >= 0 && source < channels && gate >= -1 && gate < channels && act >= 0 &&
                        act < kNumActivations && gate_act >= 0 && gate_act < kNumActivations && gate != source;
-    CUDA_KERNEL_ASSERT(valid && "e3fast::norm_gate: every gates row needs source and gate channels (gate -1: none) "
-                                "and activation ids in range, and no channel may gate itself");
+    CUDA_KERNEL_ASSERT(valid && "e3fast::norm_gate: a gates row is out of range (source and gate channels, gate -1: "
+                                "none, activation ids) or gates a channel by itself");
     gate_rows[r] = valid ? make_int4(static_cast<int>(source), static_cast<int>(act), static_cast<int>(gate),
                                      static_cast<int>(gate_act))
                          : make_int4(0, kIdentity, -1, kIdentity);
@@ -477,7 +477,7 @@ at::Tensor reduce_channels(const Op& op, const ReduceGrid& grid, const at::Tenso
   const int64_t bytes = grid.partials() * static_cast<int64_t>(sizeof(typename Op::Partial));
   at::Tensor partials = at::empty({std::max<int64_t>(bytes, 1)}, options.dtype(at::kByte));
   if (grid.blocks() == 0) return partials;
-  reduce_channels_kernel<<<grid_blocks(grid.blocks(), 1), dim3(kReduceLanes, kReduceRows), 0, current_stream()>>>(
+  reduce_channels_kernel<Op><<<grid_blocks(grid.blocks(), 1), dim3(kReduceLanes, kReduceRows), 0, current_stream()>>>(
       op, grid, reinterpret_cast<typename Op::Partial*>(partials.data_ptr()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return partials;

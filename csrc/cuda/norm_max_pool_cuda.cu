@@ -246,9 +246,10 @@ std::tuple<at::Tensor, at::Tensor> norm_max_pool3d_cuda(const at::Tensor& x_in, 
   const PoolGeometry g = make_geometry(x.sizes().slice(2), kernel_size, stride);
   const bool channels_last = is_channels_last(x);
   map_channels(fields, x.size(1));  // checks the table
-  // Zeroed: channels outside every field are not pooled.
-  at::Tensor y = at::zeros({x.size(0), x.size(1), g.out[0], g.out[1], g.out[2]},
-                           x.options().memory_format(memory_format_of(x)));
+  // Zeroed: channels outside every field are not pooled (at::zeros would drop the memory format).
+  at::Tensor y = at::empty({x.size(0), x.size(1), g.out[0], g.out[1], g.out[2]},
+                           x.options().memory_format(memory_format_of(x)))
+                     .zero_();
   at::Tensor argmax = at::empty({x.size(0), fields.size(0), g.out[0], g.out[1], g.out[2]},
                                 x.options().dtype(argmax_dtype(g)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "e3fast::norm_max_pool3d_cuda", [&] {
