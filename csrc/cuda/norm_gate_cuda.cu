@@ -368,7 +368,10 @@ at::Tensor channel_coefficients(const GateTables& tables, const at::Tensor& fiel
 
 constexpr int kReduceLanes = 32;  // threadIdx.x
 constexpr int kReduceRows = 8;    // threadIdx.y
-constexpr int64_t kValuesPerThread = 16;
+// Voxels per block: 16 per thread along a channel plane, 64 per thread down a channel of voxel
+// rows (fewer, larger chunks: the finishing warps combine chunks * samples partials each).
+constexpr int64_t kPlaneChunkVoxels = 16 * kReduceLanes * kReduceRows;
+constexpr int64_t kRowChunkVoxels = 64 * kReduceRows;
 
 // Blocks of a per-channel reduction: (sample, chunk of voxels, tile), tile = one channel (NCDHW)
 // or 32 consecutive channels (channels-last). Partials are stored at [(b * chunks + chunk) * C + c].
@@ -386,7 +389,7 @@ ReduceGrid reduce_grid(const VoxelLayout& layout, int64_t batch) {
   grid.channels = layout.channels;
   grid.voxels = layout.voxels;
   grid.channels_last = layout.channels_last;
-  grid.chunk_voxels = kValuesPerThread * kReduceRows * (layout.channels_last ? 1 : kReduceLanes);
+  grid.chunk_voxels = layout.channels_last ? kRowChunkVoxels : kPlaneChunkVoxels;
   grid.chunks = (layout.voxels + grid.chunk_voxels - 1) / grid.chunk_voxels;
   grid.tiles = layout.channels_last ? (layout.channels + kReduceLanes - 1) / kReduceLanes : layout.channels;
   return grid;
