@@ -4,7 +4,8 @@ The C++ CPU kernels (OpenMP) are always built. CUDA kernels under ``csrc/cuda`` 
 torch was built with CUDA and ``nvcc`` is found, unless switched off. Environment switches:
 
 * ``E3FAST_CUDA``: ``auto`` (default), ``1`` to require the CUDA build, ``0`` to skip it.
-* ``E3FAST_CUDA_ARCH``: target architectures for nvcc, e.g. ``"8.0;9.0"`` (default).
+* ``E3FAST_CUDA_ARCH``: target architectures for nvcc, e.g. ``"8.0;9.0"``. Unset, torch's
+  ``TORCH_CUDA_ARCH_LIST`` applies if set, else ``"8.0;9.0"`` (A100, H100/H200).
 * ``E3FAST_SKIP_EXTENSION=1``: install the pure-Python package only (reference backend).
 * ``MAX_JOBS``: parallel compile jobs (ninja), as for any torch extension.
 """
@@ -16,18 +17,22 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCH = "8.0;9.0"
 
 
 def _cuda_wanted(torch) -> bool:
     switch = os.environ.get("E3FAST_CUDA", "auto").lower()
     if switch in ("0", "false", "no", "off"):
         return False
+    if switch not in ("auto", "1", "true", "yes", "on", "force"):
+        sys.exit(f"E3FAST_CUDA must be auto, 1 or 0, got {switch!r}")
     has_nvcc = shutil.which("nvcc") is not None or os.environ.get("CUDA_HOME") is not None
     has_cuda_torch = torch.version.cuda is not None
-    if switch in ("1", "true", "yes", "on", "force"):
-        if not (has_nvcc and has_cuda_torch):
-            sys.exit("E3FAST_CUDA=1 but torch has no CUDA or nvcc is missing")
-        return True
+    if switch != "auto" and not (has_nvcc and has_cuda_torch):
+        missing = [] if has_cuda_torch else [f"torch {torch.__version__} was built without CUDA"]
+        missing += [] if has_nvcc else ["nvcc is neither on PATH nor under CUDA_HOME"]
+        sys.exit(f"E3FAST_CUDA={switch} asks for the CUDA kernels, but {' and '.join(missing)}; "
+                 "install a CUDA build of torch and the CUDA toolkit, or set E3FAST_CUDA=0")
     return has_nvcc and has_cuda_torch
 
 
@@ -42,11 +47,11 @@ def _extensions():
     extra = dict(extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"],
                  include_dirs=[os.path.join(ROOT, "csrc")])
     if _cuda_wanted(torch):
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("E3FAST_CUDA_ARCH", "8.0;9.0"))
+        if "E3FAST_CUDA_ARCH" in os.environ or "TORCH_CUDA_ARCH_LIST" not in os.environ:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("E3FAST_CUDA_ARCH", DEFAULT_CUDA_ARCH)
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        extra["extra_compile_args"]["nvcc"] = ["-O3", "--use_fast_math",
-                                               "-DE3FAST_WITH_CUDA"]
-        extra["extra_compile_args"]["cxx"].append("-DE3FAST_WITH_CUDA")
+        # IEEE math (no --use_fast_math): the kernels must match the float32 reference to 1e-5.
+        extra["extra_compile_args"]["nvcc"] = ["-O3"]
         ext = CUDAExtension("e3fast._C", sources, **extra)
     else:
         ext = CppExtension("e3fast._C", sources, **extra)
