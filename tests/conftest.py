@@ -12,7 +12,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import e3fast  # noqa: E402
+import e3fast  # noqa: E402,F401  (imported before the backends are queried)
 from e3fast.backends import backend_usable  # noqa: E402
 
 try:

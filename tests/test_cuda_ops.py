@@ -517,20 +517,11 @@ def test_cpu_and_cuda_tensors_do_not_mix():
 # The whole network
 # ---------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def cuda_backend_listed(monkeypatch):
-    """The public ops accept backend "cuda" (test_public_ops_list_the_cuda_backend checks the listing)."""
-    for name in ("kernel_assembly", "norm_gate", "norm_max_pool"):
-        module = importlib.import_module(f"e3fast.ops.{name}")
-        if "cuda" not in module.IMPLEMENTED:
-            monkeypatch.setattr(module, "IMPLEMENTED", module.IMPLEMENTED + ("cuda",))
-
-
 @pytest.mark.parametrize("options,batch,size", [
     (dict(steps=(1.0, 1.5, 0.8), n_downsample=2), 2, (16, 11, 16)),
     (dict(steps=(1.0, 1.0, 1.0), n_downsample=2, batch_norm="batch", equivariance="O3"), 2, (10, 12, 7)),
 ], ids=["SO3-instance", "O3-batch"])
-def test_unet_on_cuda_equals_e3nn_composition(cuda_backend_listed, options, batch, size):
+def test_unet_on_cuda_equals_e3nn_composition(options, batch, size):
     from e3fast.models import EquivariantUNet
     from e3fast.testing.e3nn_reference import UNet as E3nnUNet
 

@@ -5,13 +5,12 @@ import itertools
 
 import pytest
 import torch
-from e3nn import o3
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import e3fast
 from e3fast.backends import backend_usable
-from e3fast.ops import assemble_kernel, assemble_kernel_reference
+from e3fast.ops import assemble_kernel
 from e3fast.steerable_basis import SteerableKernelBasis, voxel_convolution_basis
 
 import strategies

@@ -20,7 +20,7 @@ from e3fast import backends, native_extension, triton_kernels
 from e3fast.irreps_layout import check_same_device, check_same_dtype
 from e3fast.steerable_basis import SteerableKernelBasis
 
-IMPLEMENTED = ("reference", "cpu", "triton")
+IMPLEMENTED = ("reference", "cpu", "cuda", "triton")
 
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:

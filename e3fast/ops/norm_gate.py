@@ -36,7 +36,7 @@ from e3fast import backends, native_extension, triton_kernels
 from e3fast.gate_layout import ACTIVATIONS, GateLayout, activation_scales, gate_layout, identity_layout
 from e3fast.irreps_layout import check_same_device, check_voxel_input, field_table, irrep_fields, irreps_channels
 
-IMPLEMENTED = ("reference", "cpu", "triton")
+IMPLEMENTED = ("reference", "cpu", "cuda", "triton")
 
 # Statistics modes shared with the native kernels.
 MODE_NONE, MODE_INSTANCE, MODE_BATCH, MODE_RUNNING = 0, 1, 2, 3

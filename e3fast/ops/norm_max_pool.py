@@ -27,7 +27,7 @@ from e3nn import o3
 from e3fast import backends, native_extension, triton_kernels
 from e3fast.irreps_layout import IrrepsChannels, check_voxel_input, field_table, irreps_channels
 
-IMPLEMENTED = ("reference", "cpu", "triton")
+IMPLEMENTED = ("reference", "cpu", "cuda", "triton")
 
 
 def _triple(value, name: str) -> tuple[int, int, int]:
