@@ -6,6 +6,7 @@ any other strides are copied to NCDHW first. Outputs take the memory format of t
 from __future__ import annotations
 
 import torch
+import triton
 import triton.language as tl
 
 
@@ -41,3 +42,27 @@ def tl_dtype(dtype: torch.dtype):
 def check_floating(t: torch.Tensor, name: str, op: str) -> None:
     if t.dtype not in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
         raise RuntimeError(f"e3fast::{op}: {name} must be float64, float32, bfloat16 or float16, got {t.dtype}")
+
+
+# Tiles are [channels, voxels] for NCDHW and [voxels, channels] for channels-last (the contiguous
+# axis last); "channels" may also be fields. These place a vector along one axis of such a tile.
+
+
+@triton.jit
+def per_channel(v, CHANNELS_LAST: tl.constexpr):
+    """A vector over the tile's channels (or fields), broadcastable against the tile."""
+    if CHANNELS_LAST:
+        out = v[None, :]
+    else:
+        out = v[:, None]
+    return out
+
+
+@triton.jit
+def per_voxel(v, CHANNELS_LAST: tl.constexpr):
+    """A vector over the tile's voxels, broadcastable against the tile."""
+    if CHANNELS_LAST:
+        out = v[:, None]
+    else:
+        out = v[None, :]
+    return out

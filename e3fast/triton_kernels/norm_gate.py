@@ -50,8 +50,8 @@ import triton.language as tl
 
 from e3fast.triton_kernels import tables
 from e3fast.triton_kernels.conversions import to_element_type
-from e3fast.triton_kernels.layout import (check_floating, dense_voxels, is_channels_last, memory_format_of,
-                                          opmath_dtype, tl_dtype, voxel_strides)
+from e3fast.triton_kernels.layout import (check_floating, dense_voxels, is_channels_last, memory_format_of, opmath_dtype,
+                                          per_channel, per_voxel, tl_dtype, voxel_strides)
 from e3fast.triton_kernels.tuning import INTERPRETED, autotune, largest
 
 MODE_NONE, MODE_INSTANCE, MODE_BATCH, MODE_RUNNING = 0, 1, 2, 3
@@ -175,26 +175,6 @@ def gate_tables(gates: torch.Tensor, act_scales, channels: int, dtype: torch.dty
 
 
 @triton.jit
-def _per_channel(v, CHANNELS_LAST: tl.constexpr):
-    """A vector over the tile's channels, broadcastable against the tile."""
-    if CHANNELS_LAST:
-        out = v[None, :]
-    else:
-        out = v[:, None]
-    return out
-
-
-@triton.jit
-def _per_voxel(v, CHANNELS_LAST: tl.constexpr):
-    """A vector over the tile's voxels, broadcastable against the tile."""
-    if CHANNELS_LAST:
-        out = v[:, None]
-    else:
-        out = v[None, :]
-    return out
-
-
-@triton.jit
 def _tile_zeros(BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr, CHANNELS_LAST: tl.constexpr):
     if CHANNELS_LAST:
         out = tl.zeros((BLOCK_N, BLOCK_C), DTYPE)
@@ -215,8 +195,8 @@ def _sum_over_voxels(tile, CHANNELS_LAST: tl.constexpr):
 @triton.jit
 def _tile_offsets(channel, voxel, stride_c, stride_n, CHANNELS_LAST: tl.constexpr):
     """Element offsets of (channel, voxel) pairs, in int64."""
-    return (_per_channel(channel.to(tl.int64), CHANNELS_LAST) * stride_c
-            + _per_voxel(voxel.to(tl.int64), CHANNELS_LAST) * stride_n)
+    return (per_channel(channel.to(tl.int64), CHANNELS_LAST) * stride_c
+            + per_voxel(voxel.to(tl.int64), CHANNELS_LAST) * stride_n)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,11 +254,11 @@ def _standardized(x_base, coef_group, channel, voxel, mask, x_sc, x_sn, OPMATH: 
     x = tl.load(x_base + _tile_offsets(channel, voxel, x_sc, x_sn, CHANNELS_LAST), mask=mask, other=0.0).to(OPMATH)
     if NORMALIZE:
         coef = coef_group + channel * COEFFICIENTS
-        mean_high = _per_channel(tl.load(coef), CHANNELS_LAST)
-        mean_low = _per_channel(tl.load(coef + 1), CHANNELS_LAST)
-        inv_std = _per_channel(tl.load(coef + 2), CHANNELS_LAST)
-        gamma = _per_channel(tl.load(coef + 3), CHANNELS_LAST)
-        beta = _per_channel(tl.load(coef + 4), CHANNELS_LAST)
+        mean_high = per_channel(tl.load(coef), CHANNELS_LAST)
+        mean_low = per_channel(tl.load(coef + 1), CHANNELS_LAST)
+        inv_std = per_channel(tl.load(coef + 2), CHANNELS_LAST)
+        gamma = per_channel(tl.load(coef + 3), CHANNELS_LAST)
+        beta = per_channel(tl.load(coef + 4), CHANNELS_LAST)
         x_hat = ((x - mean_high) - mean_low) * inv_std
         z = x_hat * gamma + beta
     else:
@@ -308,13 +288,13 @@ def _moments_kernel(x_ptr, partial_ptr, N, C, x_sb, x_sc, x_sn,
     if SHIFT_PER_SAMPLE:
         shift_ptr = x_ptr + b.to(tl.int64) * x_sb
     shift = tl.load(shift_ptr + channel.to(tl.int64) * x_sc).to(OPMATH)
-    shift = _per_channel(shift, CHANNELS_LAST)
+    shift = per_channel(shift, CHANNELS_LAST)
     x_base = x_ptr + b.to(tl.int64) * x_sb
     sums = _tile_zeros(BLOCK_C, BLOCK_N, OPMATH, CHANNELS_LAST)
     squares = _tile_zeros(BLOCK_C, BLOCK_N, OPMATH, CHANNELS_LAST)
     for step in range(CHUNK // BLOCK_N):
         voxel = first_voxel + step * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask = _per_channel(channel_ok, CHANNELS_LAST) & _per_voxel(voxel < N, CHANNELS_LAST)
+        mask = per_channel(channel_ok, CHANNELS_LAST) & per_voxel(voxel < N, CHANNELS_LAST)
         x = tl.load(x_base + _tile_offsets(channel, voxel, x_sc, x_sn, CHANNELS_LAST), mask=mask, other=0.0)
         d = tl.where(mask, x.to(OPMATH) - shift, 0.0)
         sums += d
@@ -408,23 +388,23 @@ def _apply_kernel(x_ptr, y_ptr, coef_ptr, rows_ptr, scales_ptr, N, C_in, C_out,
     out_ok = out < C_out
     out = tl.where(out_ok, out, 0)
     row = rows_ptr + out * 4
-    mask = _per_channel(out_ok, CHANNELS_LAST) & _per_voxel(voxel < N, CHANNELS_LAST)
+    mask = per_channel(out_ok, CHANNELS_LAST) & per_voxel(voxel < N, CHANNELS_LAST)
     x_base = x_ptr + b.to(tl.int64) * x_sb
     coef_group = coef_ptr  # statistics group 0, or sample b's in instance mode
     if INSTANCE:
         coef_group = coef_ptr + b * C_in * COEFFICIENTS
     _, z = _standardized(x_base, coef_group, tl.load(row), voxel, mask, x_sc, x_sn, OPMATH, NORMALIZE,
                          CHANNELS_LAST)
-    act = _per_channel(tl.load(row + 1), CHANNELS_LAST)
-    y = _per_channel(tl.load(scales_ptr + out * 2), CHANNELS_LAST) * _activation(z, act, SOURCE_ACTS)
+    act = per_channel(tl.load(row + 1), CHANNELS_LAST)
+    y = per_channel(tl.load(scales_ptr + out * 2), CHANNELS_LAST) * _activation(z, act, SOURCE_ACTS)
     if GATE_ACTS != 0:
         gate = tl.where(out_ok, tl.load(row + 2), -1)
         if tl.max(gate, axis=0) >= 0:  # some output channel of the tile is gated
-            gated = _per_channel(gate >= 0, CHANNELS_LAST)
+            gated = per_channel(gate >= 0, CHANNELS_LAST)
             _, z_gate = _standardized(x_base, coef_group, tl.maximum(gate, 0), voxel, mask & gated, x_sc, x_sn,
                                       OPMATH, NORMALIZE, CHANNELS_LAST)
-            gate_act = _per_channel(tl.load(row + 3), CHANNELS_LAST)
-            gate_scale = _per_channel(tl.load(scales_ptr + out * 2 + 1), CHANNELS_LAST)
+            gate_act = per_channel(tl.load(row + 3), CHANNELS_LAST)
+            gate_scale = per_channel(tl.load(scales_ptr + out * 2 + 1), CHANNELS_LAST)
             y = tl.where(gated, y * gate_scale * _activation(z_gate, gate_act, GATE_ACTS), y)
     y_offsets = b.to(tl.int64) * y_sb + _tile_offsets(out, voxel, y_sc, y_sn, CHANNELS_LAST)
     tl.store(y_ptr + y_offsets, to_element_type(y, y_ptr), mask=mask)
@@ -445,22 +425,22 @@ def _gate_gradient(x_base, dy_base, coef_group, rows_ptr, scales_ptr, source_of_
         if tl.max(present.to(tl.int32), axis=0) > 0:
             out = tl.maximum(out, 0)
             row = rows_ptr + out * 4
-            mask = _per_channel(present, CHANNELS_LAST) & voxel_ok
+            mask = per_channel(present, CHANNELS_LAST) & voxel_ok
             dy = tl.load(dy_base + _tile_offsets(out, voxel, dy_sc, dy_sn, CHANNELS_LAST), mask=mask, other=0.0)
-            act = _per_channel(tl.load(row + 1), CHANNELS_LAST)
-            scale = _per_channel(tl.load(scales_ptr + out * 2), CHANNELS_LAST)
+            act = per_channel(tl.load(row + 1), CHANNELS_LAST)
+            scale = per_channel(tl.load(scales_ptr + out * 2), CHANNELS_LAST)
             term = dy.to(OPMATH) * scale * _activation_derivative(z, act, SOURCE_ACTS)
             if GATE_ACTS != 0:
                 gate = tl.load(row + 2)
                 gated = present & (gate >= 0)
                 if tl.max(gated.to(tl.int32), axis=0) > 0:
                     _, z_gate = _standardized(x_base, coef_group, tl.maximum(gate, 0), voxel,
-                                              _per_channel(gated, CHANNELS_LAST) & voxel_ok, x_sc, x_sn, OPMATH,
+                                              per_channel(gated, CHANNELS_LAST) & voxel_ok, x_sc, x_sn, OPMATH,
                                               NORMALIZE, CHANNELS_LAST)
-                    gate_act = _per_channel(tl.load(row + 3), CHANNELS_LAST)
-                    gate_scale = _per_channel(tl.load(scales_ptr + out * 2 + 1), CHANNELS_LAST)
+                    gate_act = per_channel(tl.load(row + 3), CHANNELS_LAST)
+                    gate_scale = per_channel(tl.load(scales_ptr + out * 2 + 1), CHANNELS_LAST)
                     factor = gate_scale * _activation(z_gate, gate_act, GATE_ACTS)
-                    term = tl.where(_per_channel(gated, CHANNELS_LAST), term * factor, term)
+                    term = tl.where(per_channel(gated, CHANNELS_LAST), term * factor, term)
             grad += term
     if GATE_ACTS != 0:
         for j in tl.static_range(MAX_GATE_FANOUT):
@@ -469,14 +449,14 @@ def _gate_gradient(x_base, dy_base, coef_group, rows_ptr, scales_ptr, source_of_
             if tl.max(present.to(tl.int32), axis=0) > 0:
                 out = tl.maximum(out, 0)
                 row = rows_ptr + out * 4
-                mask = _per_channel(present, CHANNELS_LAST) & voxel_ok
+                mask = per_channel(present, CHANNELS_LAST) & voxel_ok
                 dy = tl.load(dy_base + _tile_offsets(out, voxel, dy_sc, dy_sn, CHANNELS_LAST), mask=mask, other=0.0)
                 _, z_source = _standardized(x_base, coef_group, tl.load(row), voxel, mask, x_sc, x_sn, OPMATH,
                                             NORMALIZE, CHANNELS_LAST)
-                act = _per_channel(tl.load(row + 1), CHANNELS_LAST)
-                gate_act = _per_channel(tl.load(row + 3), CHANNELS_LAST)
-                scale = _per_channel(tl.load(scales_ptr + out * 2), CHANNELS_LAST)
-                gate_scale = _per_channel(tl.load(scales_ptr + out * 2 + 1), CHANNELS_LAST)
+                act = per_channel(tl.load(row + 1), CHANNELS_LAST)
+                gate_act = per_channel(tl.load(row + 3), CHANNELS_LAST)
+                scale = per_channel(tl.load(scales_ptr + out * 2), CHANNELS_LAST)
+                gate_scale = per_channel(tl.load(scales_ptr + out * 2 + 1), CHANNELS_LAST)
                 grad += (dy.to(OPMATH) * scale * _activation(z_source, act, SOURCE_ACTS) * gate_scale
                          * _activation_derivative(z, gate_act, GATE_ACTS))
     return grad
@@ -514,17 +494,17 @@ def _backward_kernel(x_ptr, dy_ptr, dx_ptr, coef_ptr, gcoef_ptr, rows_ptr, scale
         k3 = tl.load(gcoef + 2)
     elif NORMALIZE:
         k1 = tl.load(coef_group + channel * COEFFICIENTS + 2) * tl.load(coef_group + channel * COEFFICIENTS + 3)
-    k1 = _per_channel(k1, CHANNELS_LAST)
-    k2 = _per_channel(k2, CHANNELS_LAST)
-    k3 = _per_channel(k3, CHANNELS_LAST)
+    k1 = per_channel(k1, CHANNELS_LAST)
+    k2 = per_channel(k2, CHANNELS_LAST)
+    k3 = per_channel(k3, CHANNELS_LAST)
     x_base = x_ptr + b.to(tl.int64) * x_sb
     dy_base = dy_ptr + b.to(tl.int64) * dy_sb
     sums = _tile_zeros(BLOCK_C, BLOCK_N, OPMATH, CHANNELS_LAST)
     products = _tile_zeros(BLOCK_C, BLOCK_N, OPMATH, CHANNELS_LAST)
     for step in range(CHUNK // BLOCK_N):
         voxel = first_voxel + step * BLOCK_N + tl.arange(0, BLOCK_N)
-        voxel_ok = _per_voxel(voxel < N, CHANNELS_LAST)
-        mask = _per_channel(channel_ok, CHANNELS_LAST) & voxel_ok
+        voxel_ok = per_voxel(voxel < N, CHANNELS_LAST)
+        mask = per_channel(channel_ok, CHANNELS_LAST) & voxel_ok
         x_hat, z = _standardized(x_base, coef_group, channel, voxel, mask, x_sc, x_sn, OPMATH, NORMALIZE,
                                  CHANNELS_LAST)
         grad = _gate_gradient(x_base, dy_base, coef_group, rows_ptr, scales_ptr, source_of_ptr, gate_of_ptr, channel,

@@ -32,8 +32,8 @@ import triton.language as tl
 
 from e3fast.triton_kernels import tables
 from e3fast.triton_kernels.conversions import to_element_type
-from e3fast.triton_kernels.layout import (check_floating, dense_voxels, is_channels_last, memory_format_of,
-                                          opmath_dtype, tl_dtype)
+from e3fast.triton_kernels.layout import (check_floating, dense_voxels, is_channels_last, memory_format_of, opmath_dtype,
+                                          per_channel, per_voxel, tl_dtype)
 from e3fast.triton_kernels.tuning import autotune
 
 # ---------------------------------------------------------------------------------------------
@@ -168,26 +168,6 @@ def _spread_over_components(tile, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
-def _per_field_2d(v, CHANNELS_LAST: tl.constexpr):
-    """A vector over fields, broadcastable against [fields, voxels] / [voxels, fields] tiles."""
-    if CHANNELS_LAST:
-        out = v[None, :]
-    else:
-        out = v[:, None]
-    return out
-
-
-@triton.jit
-def _per_voxel_2d(v, CHANNELS_LAST: tl.constexpr):
-    """A vector over voxels, broadcastable against [fields, voxels] / [voxels, fields] tiles."""
-    if CHANNELS_LAST:
-        out = v[:, None]
-    else:
-        out = v[None, :]
-    return out
-
-
-@triton.jit
 def _spatial_offset(ix, iy, iz, sx, sy, sz):
     return ix.to(tl.int64) * sx + iy.to(tl.int64) * sy + iz.to(tl.int64) * sz
 
@@ -235,7 +215,7 @@ def _pool_kernel(x_ptr, y_ptr, argmax_ptr, fields_ptr, F, OX, OY, OZ,
     channel = _per_field(start, CHANNELS_LAST) + _per_component(m, CHANNELS_LAST)
     mask = _per_field(field_ok, CHANNELS_LAST) & (_per_component(m, CHANNELS_LAST) < _per_field(dim, CHANNELS_LAST))
     mask = mask & _per_voxel(o_ok, CHANNELS_LAST)
-    field_dim = _per_field_2d(dim, CHANNELS_LAST)
+    field_dim = per_channel(dim, CHANNELS_LAST)
     corner = _spatial_offset(ox * SX, oy * SY, oz * SZ, x_sx, x_sy, x_sz)
     x_corner = x_ptr + b.to(tl.int64) * x_sb + channel.to(tl.int64) * x_sc + _per_voxel(corner, CHANNELS_LAST)
     # Window position 0 starts the search (it wins every tie, and a value of -inf).
@@ -253,9 +233,9 @@ def _pool_kernel(x_ptr, y_ptr, argmax_ptr, fields_ptr, F, OX, OY, OZ,
     y_offsets = (b.to(tl.int64) * y_sb + channel.to(tl.int64) * y_sc
                  + _per_voxel(_spatial_offset(ox, oy, oz, y_sx, y_sy, y_sz), CHANNELS_LAST))
     tl.store(y_ptr + y_offsets, values, mask=mask)
-    argmax_offsets = (b * F + _per_field_2d(field, CHANNELS_LAST)).to(tl.int64) * out_voxels + _per_voxel_2d(
+    argmax_offsets = (b * F + per_channel(field, CHANNELS_LAST)).to(tl.int64) * out_voxels + per_voxel(
         o, CHANNELS_LAST)
-    argmax_mask = _per_field_2d(field_ok, CHANNELS_LAST) & _per_voxel_2d(o_ok, CHANNELS_LAST)
+    argmax_mask = per_channel(field_ok, CHANNELS_LAST) & per_voxel(o_ok, CHANNELS_LAST)
     tl.store(argmax_ptr + argmax_offsets, position.to(argmax_ptr.dtype.element_ty), mask=argmax_mask)
 
 
@@ -292,9 +272,9 @@ def _unpool_kernel(dy_ptr, argmax_ptr, dx_ptr, fields_ptr, F, NX, NY, NZ, OX, OY
     channel = _per_field(start, CHANNELS_LAST) + _per_component(m, CHANNELS_LAST)
     mask = _per_field(field_ok, CHANNELS_LAST) & (_per_component(m, CHANNELS_LAST) < _per_field(dim, CHANNELS_LAST))
     mask = mask & _per_voxel(n_ok, CHANNELS_LAST)
-    field_ok2 = _per_field_2d(field_ok, CHANNELS_LAST)
+    field_ok2 = per_channel(field_ok, CHANNELS_LAST)
     dy_fields = dy_ptr + b.to(tl.int64) * dy_sb + channel.to(tl.int64) * dy_sc
-    argmax_fields = argmax_ptr + (b * F + _per_field_2d(field, CHANNELS_LAST)).to(tl.int64) * (OX * OY * OZ)
+    argmax_fields = argmax_ptr + (b * F + per_channel(field, CHANNELS_LAST)).to(tl.int64) * (OX * OY * OZ)
     grad = tl.zeros(mask.shape, OPMATH)
     for cx in range((KX + SX - 1) // SX):
         ox, rx, ok_x = _window_start(nx, SX, KX, OX, cx)
@@ -302,10 +282,10 @@ def _unpool_kernel(dy_ptr, argmax_ptr, dx_ptr, fields_ptr, F, NX, NY, NZ, OX, OY
             oy, ry, ok_y = _window_start(ny, SY, KY, OY, cy)
             for cz in range((KZ + SZ - 1) // SZ):
                 oz, rz, ok_z = _window_start(nz, SZ, KZ, OZ, cz)
-                inside = field_ok2 & _per_voxel_2d(n_ok & ok_x & ok_y & ok_z, CHANNELS_LAST)
-                window = _per_voxel_2d((ox * OY + oy) * OZ + oz, CHANNELS_LAST)
+                inside = field_ok2 & per_voxel(n_ok & ok_x & ok_y & ok_z, CHANNELS_LAST)
+                window = per_voxel((ox * OY + oy) * OZ + oz, CHANNELS_LAST)
                 chosen = tl.load(argmax_fields + window, mask=inside, other=0).to(tl.int32)
-                hit = inside & (chosen == _per_voxel_2d((rx * KY + ry) * KZ + rz, CHANNELS_LAST))
+                hit = inside & (chosen == per_voxel((rx * KY + ry) * KZ + rz, CHANNELS_LAST))
                 offset = _per_voxel(_spatial_offset(ox, oy, oz, dy_sx, dy_sy, dy_sz), CHANNELS_LAST)
                 dy = tl.load(dy_fields + offset, mask=mask & _spread_over_components(hit, CHANNELS_LAST), other=0.0)
                 grad += dy.to(OPMATH)
