@@ -28,6 +28,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "input_checks.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -134,18 +136,7 @@ void check_self_connection_rows(const std::vector<SelfConnectionRow>& rows, cons
 
 void check_float_input(const at::Tensor& tensor, const char* name, at::ScalarType dtype) {
   TORCH_CHECK(tensor.device().is_cpu(), "e3fast: ", name, " must be a CPU tensor, got ", tensor.device());
-  TORCH_CHECK(at::isFloatingType(tensor.scalar_type()), "e3fast: ", name, " must be floating point, got ",
-              tensor.scalar_type());
-  TORCH_CHECK(tensor.scalar_type() == dtype, "e3fast: ", name, " has dtype ", tensor.scalar_type(), ", expected ",
-              dtype, " (all floating inputs share one dtype)");
-}
-
-int64_t num_taps(at::IntArrayRef kernel_size) {
-  TORCH_CHECK(kernel_size.size() == 3, "e3fast: kernel_size must have 3 entries, got ", kernel_size.size());
-  for (int64_t k : kernel_size) {
-    TORCH_CHECK(k > 0 && k % 2 == 1, "e3fast: kernel_size entries must be positive and odd, got ", kernel_size);
-  }
-  return kernel_size[0] * kernel_size[1] * kernel_size[2];
+  check_float_dtype(tensor, name, dtype);
 }
 
 // Items per at::parallel_for chunk for about at::internal::GRAIN_SIZE operations per chunk: small

@@ -27,6 +27,7 @@
 // Columns used by no row get a zero gradient. A column used by two rows (which the CPU kernel
 // refuses) gets the sum of both contributions, the exact transpose.
 #include "cuda_common.cuh"
+#include "input_checks.h"
 
 #include <tuple>
 
@@ -115,18 +116,7 @@ __global__ void __launch_bounds__(kCheckThreads)
 void check_float_input(const at::Tensor& tensor, const char* op, const char* name, at::ScalarType dtype,
                        const at::Device& device) {
   check_device(tensor, device, op, name);
-  TORCH_CHECK(at::isFloatingType(tensor.scalar_type()), "e3fast: ", name, " must be floating point, got ",
-              tensor.scalar_type());
-  TORCH_CHECK(tensor.scalar_type() == dtype, "e3fast: ", name, " has dtype ", tensor.scalar_type(), ", expected ",
-              dtype, " (all floating inputs share one dtype)");
-}
-
-int64_t num_taps(at::IntArrayRef kernel_size) {
-  TORCH_CHECK(kernel_size.size() == 3, "e3fast: kernel_size must have 3 entries, got ", kernel_size.size());
-  for (int64_t k : kernel_size) {
-    TORCH_CHECK(k > 0 && k % 2 == 1, "e3fast: kernel_size entries must be positive and odd, got ", kernel_size);
-  }
-  return kernel_size[0] * kernel_size[1] * kernel_size[2];
+  check_float_dtype(tensor, name, dtype);
 }
 
 // The tables (contiguous, on the device, checked by check_tables_kernel) and their scales.
