@@ -61,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="seconds for the whole run, start-up included (default 240; --quick: 150)")
     parser.add_argument("--ops-share", type=float, default=0.3, help="share of the budget the fused ops may use")
     parser.add_argument("--only", choices=("ops", "unet"), default=None, help="run only these cases")
+    parser.add_argument("--backends", default=None,
+                        help="comma-separated e3fast backends to measure, of those usable on the device "
+                        "(default: all; the reference backend is always kept, as the errors are measured against it)")
     parser.add_argument("--compile-backend", default=None,
                         help="torch.compile backend of the compiled plain U-Net (default inductor; --quick: aot_eager)")
     parser.add_argument("--no-tf32", dest="tf32", action="store_false", help="float32 convolutions without TF32")
@@ -91,6 +94,7 @@ def _worker_command(args, deadline: float, ops_deadline: float) -> list[str]:
     command += ["--quick"] * args.quick + ["--no-tf32"] * (not args.tf32)
     command += ["--cudnn-benchmark"] * args.cudnn_benchmark
     command += ["--only", args.only] if args.only else []
+    command += ["--backends", args.backends] if args.backends else []
     return command
 
 
@@ -336,6 +340,14 @@ def build_plan(args, settings, backends: list[str], peak_gbps, deadline_of) -> l
     return plan
 
 
+def chosen_backends(usable: list[str], wanted: str | None) -> list[str]:
+    """The usable backends named in ``wanted`` (all if None), the reference backend always among them."""
+    if not wanted:
+        return usable
+    names = {name.strip() for name in wanted.split(",") if name.strip()} | {"reference"}
+    return [backend for backend in usable if backend in names]
+
+
 def run_worker(args) -> int:
     import torch
 
@@ -357,7 +369,7 @@ def run_worker(args) -> int:
     if "machine" not in results.data:
         results.data["machine"] = machine_info(device, ROOT)
     results.data["settings"] = settings.as_record()
-    results.data["backends"] = backends = e3fast.available_backends(device)
+    results.data["backends"] = backends = chosen_backends(e3fast.available_backends(device), args.backends)
     peak_gbps, _ = peak_bandwidth_gbps(device)
     deadline = _monotonic(args.deadline) if args.deadline else time.monotonic() + args.budget
     ops_deadline = _monotonic(args.ops_deadline) if args.ops_deadline else deadline

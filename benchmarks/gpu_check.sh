@@ -24,7 +24,8 @@
 # E3FAST_BUILD_SECONDS (default 180), E3FAST_TESTS_SECONDS (default 120),
 # E3FAST_BENCH_SECONDS (default 240; smoke 120), E3FAST_CUDA_ARCH (default: the GPU's compute
 # capability), MAX_JOBS (default 16), E3FAST_GPU_TESTS (test files, default: see gpu_test_files),
-# E3FAST_GPU_TEST_MAXFAIL (default 10; 1 is pytest -x), E3FAST_GIT_COMMIT (recorded where the
+# E3FAST_GPU_TEST_MAXFAIL (default 10; 1 is pytest -x), E3FAST_BENCH_BACKENDS (e3fast backends the
+# benchmark measures, e.g. "cuda"; default all usable, the reference always), E3FAST_GIT_COMMIT (recorded where the
 # checkout has no .git).
 set -u
 cd "$(dirname "$0")/.." || exit 1
@@ -194,7 +195,7 @@ stage_build() {
 gpu_test_files() {
     if [ -n "${E3FAST_GPU_TESTS:-}" ]; then echo "$E3FAST_GPU_TESTS"; return; fi
     local files=() file
-    for file in tests/test_cuda_ops.py tests/test_triton_kernels.py; do
+    for file in tests/test_cuda_ops.py tests/test_gpu_large_volumes.py tests/test_triton_kernels.py; do
         [ -e "$file" ] && files+=("$file")
     done
     for file in $(grep -l "CUDA_FAST_BACKENDS" tests/test_*.py 2>/dev/null); do
@@ -245,6 +246,7 @@ stage_bench() {
         record_stage bench skipped 0 "no time left"; return
     fi
     : > "$OUT/bench.log"
+    [ -n "${E3FAST_BENCH_BACKENDS:-}" ] && args+=(--backends "$E3FAST_BENCH_BACKENDS")
     run_limited $((budget + 30)) "$OUT/bench.log" "$PYTHON" benchmarks/gpu_bench.py --out "$OUT" --budget "$budget" \
         "${args[@]}"
     code=$?

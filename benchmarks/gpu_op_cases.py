@@ -28,7 +28,8 @@ from e3nn import o3
 import e3fast
 from e3fast.ops import NormGateSpec, assemble_kernel, norm_gate, norm_max_pool3d
 from e3fast.testing.memory import tensor_bytes
-from gpu_case import DTYPES, MEMORY_FORMATS, PASSES, Case, Settings, max_relative_error, unsupported_reason
+from gpu_case import (DTYPES, MEMORY_FORMATS, PASSES, Case, Settings, max_relative_error, relative_error,
+                      unsupported_reason)
 from gpu_measure import time_calls
 from gpu_op_bytes import assembly_bytes, normalization_bytes, plain_pooling_bytes, pooling_bytes
 from gpu_unet_cases import paper_equivariant_unet
@@ -264,7 +265,9 @@ def measure_op(state: OpGroupState, variant: Variant, which: str, settings: Sett
         if peak_gbps:
             record["pct_of_peak_bandwidth"] = 100 * record["gbps"] / peak_gbps
     if variant.impl == "e3fast" and variant.backend != "reference":
-        record["max_rel_err_vs_reference"] = max_relative_error(run(), state.reference(which))
+        actual, expected = run(), state.reference(which)
+        record["max_rel_err_vs_reference"] = max_relative_error(actual, expected)
+        record["rel_err_per_tensor"] = [relative_error(a, e) for a, e in zip(actual, expected)]
     return record
 
 

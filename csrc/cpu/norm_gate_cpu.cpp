@@ -38,9 +38,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <bit>
 #include <cstdint>
 #include <cmath>
+#include <cstring>
 #include <map>
 #include <tuple>
 #include <utility>
@@ -402,6 +402,20 @@ std::vector<double> merge_chunks(const std::vector<double>& partial, int64_t num
 // loop with branches around floating point operations stays scalar.
 
 // v = k ln 2 + r with |r| <= ln(2) / 2: two_to_k = 2^k, em1 = e^r - 1.
+// The bits of a float as an integer and back (std::bit_cast is C++20; torch < 2.10 builds extensions
+// as C++17). memcpy of 4 bytes compiles to a register move.
+inline float float_from_bits(uint32_t bits) {
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
+inline uint32_t bits_of(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  return bits;
+}
+
 inline void exp_reduce(float v, float& two_to_k, float& em1) {
   v = std::copysign(std::min(std::abs(v), 87.0f), v);  // 2^k and e^v stay normal floats
   const float k = (v * 1.44269504089f + 12582912.0f) - 12582912.0f;  // round(v / ln 2)
@@ -412,7 +426,7 @@ inline void exp_reduce(float v, float& two_to_k, float& em1) {
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  two_to_k = std::bit_cast<float>((static_cast<int32_t>(k) + 127) << 23);
+  two_to_k = float_from_bits(static_cast<uint32_t>(static_cast<int32_t>(k) + 127) << 23);
   em1 = p * r * r + r;
 }
 
@@ -436,7 +450,7 @@ inline double tanh_of(double v) { return std::tanh(v); }
 
 // 1 where v > 0, else 0; in float a bit mask, as a select of constants would become a branch.
 inline float positive_step(float v) {
-  return std::bit_cast<float>(std::bit_cast<uint32_t>(1.0f) & -static_cast<uint32_t>(v > 0.0f));
+  return float_from_bits(bits_of(1.0f) & -static_cast<uint32_t>(v > 0.0f));
 }
 
 inline double positive_step(double v) { return v > 0.0 ? 1.0 : 0.0; }
