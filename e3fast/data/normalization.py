@@ -1,13 +1,16 @@
-"""Per-channel z-score normalization of an image volume.
+"""Per-channel z-score normalization of an image volume (what training and inference both apply).
 
-As nnU-Net does for MRI: each channel's mean and standard deviation are taken over the voxels
-where the image is non-zero in some channel (the head of a skull-stripped scan); the voxels
-outside that mask are set to 0. A volume that is non-zero everywhere (CT, noisy backgrounds) is
-normalized over all of its voxels.
+As nnU-Net does for MRI, with ``use_nonzero_mask=True`` (the default): each channel's mean and
+standard deviation are taken over the voxels where the image is non-zero in some channel (the head
+of a skull-stripped scan), and the voxels outside that mask are set to 0. A volume that is non-zero
+everywhere (CT, noisy backgrounds) is thereby normalized over all of its voxels, as it is with
+``use_nonzero_mask=False``.
 """
 from __future__ import annotations
 
 import numpy as np
+
+STD_EPSILON = 1e-8
 
 
 def nonzero_mask(image: np.ndarray) -> np.ndarray:
@@ -15,10 +18,12 @@ def nonzero_mask(image: np.ndarray) -> np.ndarray:
     return np.any(image != 0, axis=0)
 
 
-def zscore_channels(image: np.ndarray, eps: float = 1e-8) -> np.ndarray:
-    """``[channels, x, y, z]`` -> float32, each channel standardized over the non-zero mask."""
+def normalize_channels(image: np.ndarray, use_nonzero_mask: bool = True) -> np.ndarray:
+    """``[channels, x, y, z]`` -> float32, each channel standardized (see the module docstring)."""
     image = np.asarray(image, dtype=np.float32)
-    mask = nonzero_mask(image)
+    if image.ndim != 4:
+        raise ValueError(f"normalize_channels expects [channels, x, y, z], got shape {image.shape}")
+    mask = nonzero_mask(image) if use_nonzero_mask else np.ones(image.shape[1:], dtype=bool)
     if not mask.any():
         return np.zeros_like(image)
     out = np.empty_like(image)
@@ -26,6 +31,6 @@ def zscore_channels(image: np.ndarray, eps: float = 1e-8) -> np.ndarray:
         values = image[channel][mask]
         mean = values.mean(dtype=np.float64)
         std = values.std(dtype=np.float64)
-        out[channel] = (image[channel] - mean) / max(std, eps)
+        out[channel] = (image[channel] - mean) / max(std, STD_EPSILON)
         out[channel][~mask] = 0
     return out
