@@ -4,6 +4,10 @@
   speed and check rotation equivariance (about a minute on a 2-core CPU).
 * ``e3fast train`` -- train a segmentation U-Net on an nnU-Net/MSD dataset (see
   :mod:`e3fast.training.command`).
+* ``e3fast predict`` -- segment NIfTI cases with a checkpoint (:mod:`e3fast.inference.command`).
+* ``e3fast evaluate`` -- Dice of label maps, Dice vs rotation angle (:mod:`e3fast.evaluation.command`).
+* ``e3fast demo`` -- the embedded MNI152 brain demo: equivariant vs plain U-Net under rotations
+  (:mod:`e3fast.demo.command`).
 * ``e3fast bench`` -- run the CPU benchmark suite of a source checkout
   (``benchmarks/run_cpu.sh``) and write ``benchmarks/results/<machine>-<date>.{json,md}``.
 """
@@ -16,6 +20,9 @@ import sys
 from pathlib import Path
 
 from e3fast.backends import BACKENDS
+from e3fast.demo.command import add_demo_command
+from e3fast.evaluation.command import add_evaluate_command
+from e3fast.inference.command import add_predict_command
 from e3fast.training.command import add_train_command
 
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
@@ -72,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     example.set_defaults(handler=run_example_command)
 
     add_train_command(commands)
+    add_predict_command(commands)
+    add_evaluate_command(commands)
+    add_demo_command(commands)
 
     bench = commands.add_parser("bench", help="run the CPU benchmarks of a source checkout",
                                 description="Runs benchmarks/run_cpu.sh; results go to benchmarks/results/. "

