@@ -80,7 +80,7 @@ def evaluate_folders(predictions: Path, references: Path, dataset_json: Path | N
 
 def load_test_cases(images: Path, labels: Path, channels: int, max_cases: int | None = None) -> list:
     """Test cases of ``images`` (CASE_XXXX files) with their label maps ``labels/CASE.nii.gz``."""
-    from e3fast.evaluation.robustness import TestCase
+    from e3fast.evaluation.robustness import HeldOutCase
     from e3fast.inference.nifti_io import NIFTI_SUFFIXES, find_cases, read_image
 
     cases = []
@@ -93,7 +93,7 @@ def load_test_cases(images: Path, labels: Path, channels: int, max_cases: int | 
         label_map = _read_labels(label_path)[0]
         if label_map.shape != loaded.image.shape[1:]:
             raise ValueError(f"{label_path}: shape {label_map.shape} differs from its image's {loaded.image.shape[1:]}")
-        cases.append(TestCase(case.name, loaded.image, label_map))
+        cases.append(HeldOutCase(case.name, loaded.image, label_map))
     return cases
 
 

@@ -17,7 +17,7 @@ from e3fast.evaluation.rotation import AXES, cube_edge, pad_to_cube, rotate_case
 
 
 @dataclass
-class TestCase:
+class HeldOutCase:
     """A held-out case: raw image ``[C, x, y, z]`` and labels ``[x, y, z]`` (label values)."""
 
     name: str
@@ -66,7 +66,7 @@ def rotation_jobs(axes: Sequence[str], angles: Sequence[float]) -> list[tuple[st
     return jobs
 
 
-def rotation_experiment(segmenters: Mapping[str, object], cases: Sequence[TestCase], label_values: Sequence[int],
+def rotation_experiment(segmenters: Mapping[str, object], cases: Sequence[HeldOutCase], label_values: Sequence[int],
                         axes: Sequence[str] = ("x", "y", "z"), angles: Sequence[float] = (0, 45, 90, 135, 180),
                         progress: Callable[[str], None] | None = None) -> list[RotationScore]:
     """Score every model of ``segmenters`` (name -> object with ``segment(image) -> labels`` and

@@ -55,6 +55,8 @@ def rotate_volume(volume: np.ndarray, axis: int, degrees: float, order: int) -> 
         return np.ascontiguousarray(np.rot90(volume, int(quarter_turns) % 4, axes=(first, second)))
     from scipy import ndimage
 
+    if first > second:  # ndimage.rotate sorts its axes: turning from the later axis is the opposite angle
+        first, second, degrees = second, first, -degrees
     return ndimage.rotate(volume, float(degrees), axes=(first, second), reshape=False, order=order,
                           mode="constant", cval=0.0, prefilter=order > 1)
 
