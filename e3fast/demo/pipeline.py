@@ -124,8 +124,9 @@ def evaluate_models(settings: DemoSettings, dataset: Path, models: list[TrainedM
 
     segmenters, info = {}, None
     for model in models:
-        segmenters[model.name], info = segmenter_from_checkpoint(model.checkpoint, device=device, weights="last",
-                                                                 overlap=settings.eval_overlap)
+        segmenters[model.name], info = segmenter_from_checkpoint(
+            model.checkpoint, device=device, weights="last", overlap=settings.eval_overlap,
+            batch_size=settings.eval_batch_size, window=(settings.eval_window or settings.patch_size,) * 3)
     cases = load_test_cases(Path(dataset) / "imagesTs", Path(dataset) / "labelsTs", len(info.channel_names))
     total = len(cases) * len(rotation_jobs(settings.axes, settings.angles)) * len(segmenters)
     with tqdm(total=total, desc="rotated test predictions", unit="pred", disable=not progress) as bar:

@@ -101,10 +101,11 @@ class Segmenter:
 
 def segmenter_from_checkpoint(path, device: str = "cpu", weights: str = "best", freeze: bool = True,
                               overlap: float = DEFAULT_OVERLAP, sigma_scale: float = DEFAULT_SIGMA_SCALE,
-                              batch_size: int = 1) -> tuple[Segmenter, object]:
+                              batch_size: int = 1, window=None) -> tuple[Segmenter, object]:
     """A :class:`Segmenter` for an ``e3fast train`` checkpoint, and the checkpoint's info.
 
     ``freeze``: assemble the kernels once (``e3fast.freeze``) when this build has it.
+    ``window``: the sliding window's size (default: the training patch size).
     """
     from functools import partial
 
@@ -115,6 +116,6 @@ def segmenter_from_checkpoint(path, device: str = "cpu", weights: str = "best", 
     if freeze:
         freeze_if_available(model)
     normalize = partial(normalize_channels, use_nonzero_mask=info.use_nonzero_mask)
-    segmenter = Segmenter(model, info.patch_size, info.label_values, device=device, overlap=overlap,
+    segmenter = Segmenter(model, info.patch_size if window is None else window, info.label_values, device=device, overlap=overlap,
                           sigma_scale=sigma_scale, batch_size=batch_size, normalize=normalize)
     return segmenter, info
