@@ -202,3 +202,15 @@ def test_segmenter_maps_classes_to_label_values_and_checks_the_window():
     labels = segmenter.segment(np.random.default_rng(0).normal(size=(1, 10, 8, 12)).astype(np.float32))
     assert labels.shape == (10, 8, 12) and set(np.unique(labels)) <= {0, 5, 9}
     assert segmenter.voxels_per_second > 0
+
+
+def test_freeze_is_used_when_this_build_has_it(monkeypatch):
+    import e3fast
+    from e3fast.inference.segmenter import freeze_if_available
+
+    model = PlainUNet(1, 2, features=2, n_downsample=1, kernel_size=3)
+    monkeypatch.delattr(e3fast, "freeze", raising=False)
+    assert freeze_if_available(model) is False
+    frozen = []
+    monkeypatch.setattr(e3fast, "freeze", frozen.append, raising=False)
+    assert freeze_if_available(model) is True and frozen == [model]

@@ -51,6 +51,8 @@ def prepare_cohort(settings: DemoSettings, output: Path, progress: bool = True) 
     if cohort_is_cached(folder, spec):
         print(f"cohort: reusing {folder}")
         return folder
+    for stale in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):  # subjects of an earlier, other cohort
+        shutil.rmtree(folder / stale, ignore_errors=True)
     template = cached_template(settings.voxel_mm, Path(output) / "cache")
     with tqdm(total=spec.train_subjects + spec.test_subjects, desc="cohort", unit="subject",
               disable=not progress) as bar:
