@@ -18,11 +18,12 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
     from e3fast.demo.pipeline import run_demo
     from e3fast.demo.settings import demo_settings
+    from e3fast.evaluation.robustness import parse_angles
 
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = "smoke" if args.smoke else "quick" if args.quick else "full"
-    angles = tuple(float(a) for a in args.angles.split(",")) if args.angles else None
+    angles = tuple(parse_angles(args.angles)) if args.angles else None
     settings = demo_settings(preset, minutes_per_model=args.minutes, seed=args.seed, angles=angles)
     print(f"e3fast demo ({preset}): {settings.voxel_mm} mm voxels, {settings.train_subjects} training + "
           f"{settings.test_subjects} test subjects, output in {args.output}", flush=True)
@@ -34,7 +35,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
 def add_demo_command(commands) -> argparse.ArgumentParser:
     """Register ``demo`` on the ``e3fast`` subcommand parser ``commands``."""
     parser = commands.add_parser("demo", help="the embedded brain demo: equivariant vs plain U-Net under rotations",
-                                 description=__doc__.split("\n\n", 1)[1].replace("\n", " "))
+                                 description=__doc__.split("\n\n", 1)[1].replace("\n", " ").replace("``", ""))
     parser.add_argument("--quick", action="store_true", help="the ~5-minute version (4 mm, coarse labels)")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--output", "-o", type=Path, default=Path("e3fast-demo"), help="output folder (./e3fast-demo)")

@@ -148,7 +148,7 @@ def run_evaluate_command(args: argparse.Namespace) -> int:
 def add_evaluate_command(commands) -> argparse.ArgumentParser:
     """Register ``evaluate`` on the ``e3fast`` subcommand parser ``commands``."""
     parser = commands.add_parser("evaluate", help="Dice of label maps; Dice vs rotation angle (--rotations)",
-                                 description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawTextHelpFormatter)
+                                 description=__doc__.split("\n\n", 1)[1].replace("``", ""), formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--predictions", type=Path, help="folder of predicted label maps (CASE.nii.gz)")
     parser.add_argument("--labels", type=Path, help="folder of reference label maps (CASE.nii.gz)")
     parser.add_argument("--dataset-json", type=Path, help="dataset.json naming the labels (optional)")

@@ -43,7 +43,7 @@ def add_predict_command(commands) -> argparse.ArgumentParser:
     """Register ``predict`` on the ``e3fast`` subcommand parser ``commands``."""
     parser = commands.add_parser(
         "predict", help="segment NIfTI cases with a trained checkpoint (sliding window)",
-        description=__doc__.split("\n\n", 1)[1].replace("\n", " "))
+        description=__doc__.split("\n\n", 1)[1].replace("\n", " ").replace("``", ""))
     parser.add_argument("inputs", nargs="+", type=Path,
                         help="folders of cases (e.g. imagesTs) or NIfTI files (CASE_0000.nii.gz ...)")
     parser.add_argument("--checkpoint", "-c", required=True, type=Path, help="checkpoint.pt of e3fast train")
