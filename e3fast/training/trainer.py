@@ -52,12 +52,14 @@ class TrainResult:
     stopped_early: bool = False
     stop_reason: str = "steps"
     last_step: int = 0
+    rank: int = 0
 
 
 def train(config: TrainConfig) -> TrainResult:
     """Train as ``config`` says (single process, or every rank of a ``torchrun`` launch)."""
     if not isinstance(config, TrainConfig):
         raise TypeError(f"train expects a TrainConfig, got {type(config).__name__}")
+    threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
     context = start_processes(config.device)
@@ -65,6 +67,7 @@ def train(config: TrainConfig) -> TrainResult:
         return _Run(config, context).train()
     finally:
         stop_processes(context)
+        torch.set_num_threads(threads)
 
 
 def _checked_dataset(config: TrainConfig, context: ProcessContext):
@@ -263,7 +266,7 @@ class _Run:
         if saved_step != step or not self.checkpoint_path.is_file():
             self._save(step)
         return TrainResult(self.checkpoint_path, self.output_dir / "metrics.csv", history,
-                           stop_reason == "early_stopping", stop_reason, step)
+                           stop_reason == "early_stopping", stop_reason, step, context.rank)
 
 
 def _progress_fields(row: dict, early_stopping: EarlyStopping) -> dict:
