@@ -12,7 +12,7 @@ import torch
 from e3fast.data import DatasetError, check_dataset, load_dataset, normalize_channels, read_case
 from e3fast.data.loader import step_loader
 from e3fast.data.patch_sampler import VALIDATION_STREAM, PatchSampler, TrainingCase, rotation90_planes
-from e3fast.data.training_cases import load_training_cases
+from e3fast.data.training_cases import cases_off_spacing, load_training_cases, median_spacing
 from e3fast.models import build_model, equivariant_model_config, plain_model_config
 from e3fast.testing.synthetic_datasets import affine_for, write_msd_dataset, write_nnunet_dataset
 
@@ -215,3 +215,11 @@ def test_build_model_from_plain_dicts():
         build_model({"model": "plain", "in_channels": 1, "num_classes": 2, "width": 3})
     with pytest.raises(TypeError, match="must be a dict"):
         build_model(["plain"])
+
+
+def test_cases_off_the_median_spacing_are_named():
+    cases = [TrainingCase(name, np.zeros((1, 2, 2, 2), np.float32), np.zeros((2, 2, 2), np.uint8), spacing=spacing)
+             for name, spacing in (("a", (1.0, 1.0, 2.0)), ("b", (1.0, 1.05, 2.0)), ("c", (1.0, 1.0, 3.0)))]
+    spacing = median_spacing(case.spacing for case in cases)
+    assert spacing == (1.0, 1.0, 2.0)
+    assert cases_off_spacing(cases, spacing) == ["c"]
