@@ -178,6 +178,8 @@ def test_config_rejects_bad_values(tmp_path):
         TrainConfig(tmp_path, tmp_path, loss="focal")
     with pytest.raises(ValueError, match="rotation_augmentation must be one of"):
         TrainConfig(tmp_path, tmp_path, rotation_augmentation="yes")
+    with pytest.raises(ValueError, match="give steps or minutes"):
+        TrainConfig(tmp_path, tmp_path, steps=None)
     with pytest.raises(TypeError, match="TrainConfig"):
         train({"dataset": str(tmp_path)})
 
