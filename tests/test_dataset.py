@@ -11,7 +11,8 @@ import torch
 
 from e3fast.data import DatasetError, check_dataset, load_dataset, normalize_channels, read_case
 from e3fast.data.loader import step_loader
-from e3fast.data.patch_sampler import VALIDATION_STREAM, PatchSampler, TrainingCase, rotation90_planes
+from e3fast.data.patch_sampler import (VALIDATION_STREAM, PatchSampler, TrainingCase, rotate_patch,
+                                      rotation90_planes, rotation_crop_size)
 from e3fast.data.training_cases import cases_off_spacing, load_training_cases, median_spacing
 from e3fast.models import build_model, equivariant_model_config, plain_model_config
 from e3fast.testing.synthetic_datasets import affine_for, write_msd_dataset, write_nnunet_dataset
@@ -223,3 +224,16 @@ def test_cases_off_the_median_spacing_are_named():
     spacing = median_spacing(case.spacing for case in cases)
     assert spacing == (1.0, 1.0, 2.0)
     assert cases_off_spacing(cases, spacing) == ["c"]
+
+
+def test_rotation_crops_cover_rotated_patches_of_any_shape():
+    patch = (4, 12, 6)
+    for axis in range(3):
+        plane_size = max(n for a, n in enumerate(patch) if a != axis)
+        crop = [n if a == axis else rotation_crop_size(n, plane_size) for a, n in enumerate(patch)]
+        assert all((c - n) % 2 == 0 for c, n in zip(crop, patch))
+        for degrees in (-45.0, 30.0, 45.0):
+            image, labels = rotate_patch(torch.ones(1, *crop), torch.ones(crop, dtype=torch.int64), axis, degrees,
+                                         patch)
+            assert image.shape == (1, *patch) and labels.all(), (axis, degrees)
+            torch.testing.assert_close(image, torch.ones(1, *patch))
