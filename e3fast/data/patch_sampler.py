@@ -83,10 +83,12 @@ def crop_with_padding(array: np.ndarray, start, size) -> np.ndarray:
     return out
 
 
-def rotation_crop_size(size: int) -> int:
-    """Edge of the crop whose rotation by any angle covers a patch edge ``size`` (a diagonal of
-    ``sqrt(2) size`` plus a margin), of the same parity so the two share their centre voxel."""
-    extra = int(math.ceil(size * (math.sqrt(2) - 1))) + 2
+def rotation_crop_size(size: int, plane_size: int | None = None) -> int:
+    """Edge of the crop along an axis of patch edge ``size`` whose rotation by any angle in a plane
+    of largest patch edge ``plane_size`` (default ``size``) covers the patch: the plane's diagonal
+    ``sqrt(2) plane_size`` plus a margin, of the parity of ``size`` so the two share their centre."""
+    plane_size = size if plane_size is None else max(plane_size, size)
+    extra = int(math.ceil(plane_size * math.sqrt(2) - size)) + 2
     return size + extra + extra % 2
 
 
@@ -158,7 +160,8 @@ class PatchSampler:
             axis = int(rng.integers(3))
             degrees = float(rng.uniform(-self.rotation_degrees, self.rotation_degrees))
             # The rotated patch's corners reach sqrt(2) further in the plane of rotation.
-            size = [n if a == axis else rotation_crop_size(n) for a, n in enumerate(self.patch_size)]
+            plane_size = max(n for a, n in enumerate(self.patch_size) if a != axis)
+            size = [n if a == axis else rotation_crop_size(n, plane_size) for a, n in enumerate(self.patch_size)]
         else:
             size = list(self.patch_size)
         start = centre - np.array(size) // 2

@@ -32,3 +32,10 @@ def load_training_cases(cases: list[Case], num_classes: int, use_nonzero_mask: b
 def median_spacing(spacings) -> tuple[float, float, float]:
     """Per-axis median of the cases' voxel spacings: the network's ``steps``."""
     return tuple(float(value) for value in np.median(np.asarray(list(spacings), dtype=np.float64), axis=0))
+
+
+def cases_off_spacing(cases: list[TrainingCase], spacing, tolerance: float = 0.1) -> list[str]:
+    """Names of the cases whose spacing differs from ``spacing`` by more than ``tolerance`` (relative)
+    along some axis: the network sees them at the wrong scale (no resampling is done)."""
+    return [case.name for case in cases
+            if any(abs(own - common) > tolerance * common for own, common in zip(case.spacing, spacing))]

@@ -141,7 +141,7 @@ def run_train_command(args: argparse.Namespace) -> int:
     except (DatasetError, ValueError, FileNotFoundError) as error:
         print(f"e3fast train: error: {error}", file=sys.stderr)
         return 2
-    if result.history or result.last_step:
+    if result.rank == 0:
         print(f"stopped at step {result.last_step} ({result.stop_reason}); checkpoint {result.checkpoint_path}, "
               f"metrics {result.metrics_path}")
     return 0

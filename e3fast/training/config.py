@@ -86,6 +86,8 @@ class TrainConfig:
                  f"rotation_augmentation must be one of {ROTATION_AUGMENTATIONS}, got {self.rotation_augmentation!r}")
         _require(self.steps is None or self.steps >= 1, f"steps must be >= 1 or None, got {self.steps}")
         _require(self.minutes is None or self.minutes > 0, f"minutes must be > 0 or None, got {self.minutes}")
+        _require(self.steps is not None or self.minutes is not None, "give steps or minutes (or both): "
+                 "a run limited by neither would only end by early stopping, if ever")
         for name in ("batch_size", "width", "features", "kernel_voxels", "num_radial_basis", "checkpoint_every",
                      "validate_every", "validation_patches", "patience"):
             _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import resource
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from tqdm import tqdm
 from e3fast.data import DatasetError, check_dataset, load_dataset
 from e3fast.data.loader import step_loader
 from e3fast.data.patch_sampler import VALIDATION_STREAM, PatchSampler
-from e3fast.data.training_cases import load_training_cases, median_spacing
+from e3fast.data.training_cases import cases_off_spacing, load_training_cases, median_spacing
 from e3fast.models.factory import build_model, equivariant_model_config, plain_model_config
 from e3fast.training.checkpoint import CHECKPOINT_NAME, read_checkpoint, save_checkpoint
 from e3fast.training.config import TrainConfig
@@ -52,12 +53,14 @@ class TrainResult:
     stopped_early: bool = False
     stop_reason: str = "steps"
     last_step: int = 0
+    rank: int = 0
 
 
 def train(config: TrainConfig) -> TrainResult:
     """Train as ``config`` says (single process, or every rank of a ``torchrun`` launch)."""
     if not isinstance(config, TrainConfig):
         raise TypeError(f"train expects a TrainConfig, got {type(config).__name__}")
+    threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
     context = start_processes(config.device)
@@ -65,6 +68,7 @@ def train(config: TrainConfig) -> TrainResult:
         return _Run(config, context).train()
     finally:
         stop_processes(context)
+        torch.set_num_threads(threads)
 
 
 def _checked_dataset(config: TrainConfig, context: ProcessContext):
@@ -102,6 +106,10 @@ class _Run:
         self.training_cases = load_training_cases(training, num_classes, config.use_nonzero_mask, config.seed)
         self.validation_cases = load_training_cases(validation, num_classes, config.use_nonzero_mask, config.seed)
         self.spacing = median_spacing(case.spacing for case in self.training_cases + self.validation_cases)
+        off_spacing = cases_off_spacing(self.training_cases + self.validation_cases, self.spacing)
+        if off_spacing and context.is_main:
+            print(f"e3fast train: warning: {len(off_spacing)} case(s) differ by more than 10% from the median "
+                  f"spacing {self.spacing} and are not resampled: {', '.join(off_spacing[:5])}", file=sys.stderr)
         self.bf16 = config.bf16 if config.bf16 is not None else self.device.type == "cuda"
         self.channels_last = (config.channels_last if config.channels_last is not None
                               else self.device.type == "cuda" or config.model == "equivariant")
@@ -263,7 +271,7 @@ class _Run:
         if saved_step != step or not self.checkpoint_path.is_file():
             self._save(step)
         return TrainResult(self.checkpoint_path, self.output_dir / "metrics.csv", history,
-                           stop_reason == "early_stopping", stop_reason, step)
+                           stop_reason == "early_stopping", stop_reason, step, context.rank)
 
 
 def _progress_fields(row: dict, early_stopping: EarlyStopping) -> dict:
