@@ -5,7 +5,7 @@
   patches (96 mm), 90 seconds of training per network, rotations of 0, 45 and 90 degrees
   evaluated with 32^3 windows (8 per volume).
 * ``full`` (``e3fast demo``, ~30 minutes): 3 mm voxels, all nine structures, 12 + 2 subjects,
-  32^3 patches, 8 minutes per network, rotations 0-180 degrees in 45-degree steps.
+  32^3 patches, 10 minutes per network, rotations 0-180 degrees in 45-degree steps.
 * ``smoke`` (``--smoke``, hidden; tests): a tiny cohort and a few training steps.
 
 Both networks train with the same wall-clock budget (unless ``steps`` fixes the step count),
@@ -48,7 +48,7 @@ class DemoSettings:
 PRESETS = {
     "quick": DemoSettings(voxel_mm=4, grouping="coarse", train_subjects=8, test_subjects=2, minutes_per_model=1.5,
                           steps=None, patch_size=24, eval_window=32, batch_size=1, angles=(0, 45, 90)),
-    "full": DemoSettings(voxel_mm=3, grouping="full", train_subjects=12, test_subjects=2, minutes_per_model=8.0,
+    "full": DemoSettings(voxel_mm=3, grouping="full", train_subjects=12, test_subjects=2, minutes_per_model=10.0,
                          steps=None, patch_size=32, batch_size=1, angles=(0, 45, 90, 135, 180)),
     "smoke": DemoSettings(voxel_mm=8, grouping="coarse", train_subjects=2, test_subjects=1, minutes_per_model=None,
                           steps=2, patch_size=8, batch_size=1, angles=(0, 90), axes=("z",), n_downsample=1,
