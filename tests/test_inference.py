@@ -196,12 +196,14 @@ def test_cases_are_grouped_by_channel(tmp_path):
 def test_segmenter_maps_classes_to_label_values_and_checks_the_window():
     torch.manual_seed(0)
     model = PlainUNet(1, 3, features=2, n_downsample=2, kernel_size=3)
-    with pytest.raises(ValueError, match="pooling factor 4"):
+    with pytest.raises(ValueError, match=r"pooling factors \(4, 4, 4\)"):
         Segmenter(model, (8, 8, 6), [0, 5, 9])
     segmenter = Segmenter(model, (8, 8, 8), [0, 5, 9])
     labels = segmenter.segment(np.random.default_rng(0).normal(size=(1, 10, 8, 12)).astype(np.float32))
     assert labels.shape == (10, 8, 12) and set(np.unique(labels)) <= {0, 5, 9}
     assert segmenter.voxels_per_second > 0
+    anisotropic = EquivariantUNet("1x0e", "2x0e", 3, 2, (1.0, 1.0, 2.0), n=1, n_downsample=1, lmax=1)
+    assert Segmenter(anisotropic, (8, 8, 6), [0, 1]).patch_size == (8, 8, 6)  # no pooling along z
 
 
 def test_freeze_is_used_when_this_build_has_it(monkeypatch):

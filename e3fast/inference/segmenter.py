@@ -30,12 +30,12 @@ def freeze_if_available(model: torch.nn.Module) -> bool:
     return True
 
 
-def pooling_factor(model: torch.nn.Module) -> int:
-    """The largest pooling factor of ``model`` along an axis (1 for a model without pooling)."""
+def pooling_factors(model: torch.nn.Module) -> tuple[int, int, int]:
+    """The total pooling factor of ``model`` along each axis (1s for a model without pooling)."""
     down = getattr(model, "down", None)
-    if down is not None and hasattr(down, "pooling_factor"):
-        return int(max(down.pooling_factor))
-    return int(getattr(model, "pooling_factor", 1))
+    factor = down.pooling_factor if down is not None and hasattr(down, "pooling_factor") else \
+        getattr(model, "pooling_factor", 1)
+    return tuple(int(f) for f in factor) if isinstance(factor, (tuple, list)) else (int(factor),) * 3
 
 
 def default_normalization(image: np.ndarray) -> np.ndarray:
@@ -50,7 +50,8 @@ class Segmenter:
     """Segments raw volumes with ``model``.
 
     ``label_values[k]`` is the value written for class ``k``; ``patch_size`` is the window.
-    ``throughput`` accumulates voxels and seconds of network time (for voxels/s reports).
+    ``voxels`` and ``seconds`` accumulate the volume segmented and the sliding-window time
+    (:attr:`voxels_per_second`).
     """
 
     model: torch.nn.Module
@@ -66,10 +67,10 @@ class Segmenter:
 
     def __post_init__(self):
         self.patch_size = tuple(int(s) for s in self.patch_size)
-        factor = pooling_factor(self.model)
-        if len(self.patch_size) != 3 or any(s % factor for s in self.patch_size):
-            raise ValueError(f"Segmenter: the window {self.patch_size} must be 3 sizes, each a multiple of the "
-                             f"network's pooling factor {factor}")
+        factors = pooling_factors(self.model)
+        if len(self.patch_size) != 3 or any(s % f for s, f in zip(self.patch_size, factors)):
+            raise ValueError(f"Segmenter: the window {self.patch_size} must be 3 sizes, multiples of the "
+                             f"network's pooling factors {factors}")
         self.model.to(self.device).eval()
 
     @property
