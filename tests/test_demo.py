@@ -61,3 +61,33 @@ def test_demo_smoke_run_writes_everything(tmp_path, capsys):
     from e3fast.demo.pipeline import prepare_cohort  # a second run reuses the cohort
     assert prepare_cohort(settings, output, progress=False) == output / "dataset"
     assert "reusing" in capsys.readouterr().out
+
+
+def _random_template(size: int = 20):
+    import torch
+
+    from e3fast.demo.cohort import gaussian_smooth
+    from e3fast.demo.mni_template import Template
+
+    generator = torch.Generator().manual_seed(0)  # smooth blobs, so that turns are visible in the labels
+    fields = gaussian_smooth(torch.rand(len(CLASS_NAMES) + 1, size, size, size, generator=generator), 2.0)
+    fractions = torch.softmax(50 * fields[1:], dim=0)
+    return Template(fields[0], fractions, 4)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_a_subject_synthesised_turned_by_a_quarter_is_its_rot90(axis):
+    from e3fast.demo.cohort import synthesize_subject
+    from e3fast.evaluation.rotation import ROTATION_PLANES, rotate_volume
+
+    template = _random_template()
+    image, labels = synthesize_subject(template, 0, 3, grouping="coarse")
+    for degrees in (90, -90, 180):
+        turned_image, turned_labels = synthesize_subject(template, 0, 3, grouping="coarse", pose=(axis, degrees))
+        assert np.array_equal(turned_labels, rotate_volume(labels, axis, degrees, order=0))
+        np.testing.assert_allclose(turned_image, np.rot90(image, int(degrees // 90), ROTATION_PLANES[axis]), atol=1e-5)
+    # 45 degrees turns the same way as the resampling rotation (mostly the same labels), not the other way
+    turned = synthesize_subject(template, 0, 3, grouping="coarse", pose=(axis, 45))[1]
+    same_way = (turned == rotate_volume(labels, axis, 45, order=0)).mean()
+    other_way = (turned == rotate_volume(labels, axis, -45, order=0)).mean()
+    assert same_way > 0.8 and same_way > other_way + 0.1, (same_way, other_way)

@@ -85,19 +85,59 @@ def _uniform(generator: torch.Generator, low: float, high: float, count: int = 1
     return low + (high - low) * torch.rand(count, generator=generator)
 
 
-def sampling_grid(size: int, voxel_mm: float, variation: SubjectVariation, generator: torch.Generator) -> torch.Tensor:
+def canvas_points(size: int) -> torch.Tensor:
+    """``[size, size, size, 3]`` voxel centres in grid_sample's [-1, 1] units, volume axis order."""
+    axes = [torch.linspace(-1, 1, size)] * 3
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
+
+
+def posed_points(size: int, pose: tuple[int, float] | None) -> torch.Tensor | None:
+    """Where each voxel of the subject turned by ``pose = (axis, degrees)`` is in the unturned subject
+    (``R^T x``, the layout of :func:`canvas_points`); None for no pose.
+
+    The turn is :func:`e3fast.evaluation.rotation.rotate_volume`'s: about ``axis``, from the next
+    axis towards the one after it, so a quarter turn is ``np.rot90`` (exactly: its sines and
+    cosines are taken as exact 0 and +-1).
+    """
+    if pose is None:
+        return None
+    from e3fast.evaluation.rotation import ROTATION_PLANES
+
+    axis, degrees = pose
+    first, second = ROTATION_PLANES[axis]
+    quarter_turns, remainder = divmod(float(degrees), 90.0)
+    if remainder == 0:
+        cosine, sine = [(1.0, 0.0), (0.0, 1.0), (-1.0, 0.0), (0.0, -1.0)][int(quarter_turns) % 4]
+    else:
+        cosine, sine = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    points = canvas_points(size)
+    u, v = points[..., first].clone(), points[..., second].clone()
+    points[..., first] = u * cosine + v * sine
+    points[..., second] = v * cosine - u * sine
+    return points
+
+
+def resample_field(field: torch.Tensor, points: torch.Tensor | None, mode: str = "bilinear") -> torch.Tensor:
+    """``field [channels, n, n, n]`` read at ``points`` (see :func:`posed_points`); unchanged for None."""
+    if points is None:
+        return field
+    return F.grid_sample(field[None], points.flip(-1)[None], mode=mode, padding_mode="border", align_corners=True)[0]
+
+
+def sampling_grid(size: int, voxel_mm: float, variation: SubjectVariation, generator: torch.Generator,
+                  points: torch.Tensor | None = None) -> torch.Tensor:
     """``[1, size, size, size, 3]`` grid for ``grid_sample``: scaling, shift and smooth deformation.
 
-    The grid's last axis is ordered as grid_sample wants it (last volume axis first).
+    The grid's last axis is ordered as grid_sample wants it (last volume axis first). ``points``
+    (:func:`posed_points`) gives the subject turned: the grid of the same subject read at them.
     """
     scale = 1 + _uniform(generator, -variation.scaling, variation.scaling, 3)
     shift = _uniform(generator, -variation.shift_mm, variation.shift_mm, 3) / voxel_mm
-    axes = [torch.linspace(-1, 1, size)] * 3
-    identity = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # [..., 3] in volume axis order
     half_extent = (size - 1) / 2
     displacement = smooth_random_field(3, size, variation.control_spacing_mm / voxel_mm, generator)
-    displacement = displacement * (variation.deformation_mm / voxel_mm)  # voxels
-    grid = identity / scale + (shift + displacement.permute(1, 2, 3, 0)) / half_extent
+    displacement = resample_field(displacement * (variation.deformation_mm / voxel_mm), points)  # voxels
+    where = canvas_points(size) if points is None else points
+    grid = where / scale + (shift + displacement.permute(1, 2, 3, 0)) / half_extent
     return grid.flip(-1)[None]
 
 
@@ -113,27 +153,35 @@ def warp(template: Template, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 
 def vary_intensity(t1: torch.Tensor, head: torch.Tensor, voxel_mm: float, variation: SubjectVariation,
-                   generator: torch.Generator) -> torch.Tensor:
-    """Gamma, bias field, contrast and noise inside ``head`` (a bool mask); zero outside."""
+                   generator: torch.Generator, points: torch.Tensor | None = None) -> torch.Tensor:
+    """Gamma, bias field, contrast and noise inside ``head`` (a bool mask); zero outside.
+    ``points``: the fields of the unturned subject read at them (noise: nearest voxel)."""
     gamma = math.exp(variation.gamma_std * torch.randn(1, generator=generator).item())
     image = t1.clamp_min(0) ** gamma
-    bias = smooth_random_field(1, t1.shape[0], variation.bias_spacing_mm / voxel_mm, generator)[0]
-    image = image * torch.exp(variation.bias_field * bias)
+    bias = smooth_random_field(1, t1.shape[0], variation.bias_spacing_mm / voxel_mm, generator)
+    image = image * torch.exp(variation.bias_field * resample_field(bias, points)[0])
     image = image * (1 + _uniform(generator, -variation.contrast, variation.contrast).item())
     noise_std = _uniform(generator, *variation.noise).item()
-    image = image + noise_std * torch.randn(t1.shape, generator=generator)
+    noise = torch.randn(t1.shape, generator=generator)
+    image = image + noise_std * resample_field(noise[None], points, mode="nearest")[0]
     return torch.where(head, image.clamp_min(0), torch.zeros(()))
 
 
 def synthesize_subject(template: Template, seed: int, index: int, variation: SubjectVariation = SubjectVariation(),
-                       grouping: str = "full") -> tuple[np.ndarray, np.ndarray]:
+                       grouping: str = "full", pose: tuple[int, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Subject ``index`` of the cohort ``seed``: T1 (float32, template range) and labels (uint8,
-    in the label set ``grouping`` of :data:`~e3fast.demo.mni_template.LABEL_GROUPINGS`)."""
+    in the label set ``grouping`` of :data:`~e3fast.demo.mni_template.LABEL_GROUPINGS`).
+
+    ``pose = (axis, degrees)`` gives the same subject turned about the canvas centre, imaged as
+    the unturned one is (the template sampled once, trilinearly, with the labels from the sampled
+    class fractions) rather than a resampling of the unturned subject's image and labels.
+    """
     generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
-    grid = sampling_grid(template.canvas, template.voxel_mm, variation, generator)
+    points = posed_points(template.canvas, pose)
+    grid = sampling_grid(template.canvas, template.voxel_mm, variation, generator, points)
     t1, labels = warp(template, grid)
     head = labels > 0
-    image = vary_intensity(t1, head, template.voxel_mm, variation, generator)
+    image = vary_intensity(t1, head, template.voxel_mm, variation, generator, points)
     return image.numpy(), grouping_lookup(grouping)[labels.numpy()]
 
 

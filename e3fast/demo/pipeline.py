@@ -6,7 +6,8 @@
 3. The equivariant and the plain U-Net trained on it with the same budget and no rotation
    augmentation (``models/equivariant``, ``models/plain``: checkpoint and metrics).
 4. Both evaluated on the held-out subjects rotated about x, y and z (``results/``: CSV, markdown,
-   PNG), with the table and the throughputs printed.
+   PNG), with the table and the throughputs printed. A turned subject is synthesised again in
+   its new pose (:class:`SubjectRotation`), as a scanner would image a turned head.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from e3fast.demo.cohort import CohortSpec, cohort_is_cached, write_cohort
+from e3fast.demo.cohort import IMAGE_SCALE, CohortSpec, cohort_is_cached, synthesize_subject, write_cohort
 from e3fast.demo.mni_template import Template, build_template
 from e3fast.demo.settings import DemoSettings
 
@@ -41,12 +42,17 @@ def cached_template(voxel_mm: int, cache_dir: Path) -> Template:
     return template
 
 
+def cohort_spec(settings: DemoSettings) -> CohortSpec:
+    """The cohort the demo ``settings`` ask for."""
+    return CohortSpec(settings.train_subjects, settings.test_subjects, settings.voxel_mm, settings.cohort_seed,
+                      settings.grouping)
+
+
 def prepare_cohort(settings: DemoSettings, output: Path, progress: bool = True) -> Path:
     """The demo's nnU-Net dataset folder under ``output`` (built unless already there)."""
     from tqdm import tqdm
 
-    spec = CohortSpec(settings.train_subjects, settings.test_subjects, settings.voxel_mm, settings.cohort_seed,
-                      settings.grouping)
+    spec = cohort_spec(settings)
     folder = Path(output) / "dataset"
     if cohort_is_cached(folder, spec):
         print(f"cohort: reusing {folder}")
@@ -115,6 +121,27 @@ class DemoResult:
     seconds: float = 0.0
 
 
+class SubjectRotation:
+    """Turns a demo test subject by synthesising it again in the new pose (see
+    :func:`~e3fast.demo.cohort.synthesize_subject`): the turned brain is imaged as the training
+    subjects were, so the experiment measures the networks, not a second resampling of a 2-4 mm
+    image and label map. Quarter turns give exactly ``np.rot90`` of the stored subject."""
+
+    def __init__(self, settings: DemoSettings, template: Template):
+        self.settings, self.template = settings, template
+
+    def __call__(self, case, axis: int, degrees: float) -> tuple[np.ndarray, np.ndarray]:
+        """Image (stored precision) and labels of test subject ``case`` turned about ``axis``."""
+        index = int(case.name.rsplit("_", 1)[1])
+        spec = cohort_spec(self.settings)
+        image, labels = synthesize_subject(self.template, spec.seed, index, spec.variation, spec.grouping,
+                                           pose=(axis, degrees))
+        if image.shape != case.labels.shape:
+            raise ValueError(f"re-synthesised {case.name} has shape {image.shape}, the stored one {case.labels.shape}")
+        stored = np.round(image * IMAGE_SCALE).astype(np.float32)
+        return stored[None], labels.astype(np.int64)
+
+
 def evaluate_models(settings: DemoSettings, dataset: Path, models: list[TrainedModel], device: str,
                     progress: bool) -> tuple[list, dict[str, float], list[str]]:
     """Rotation experiment of the trained ``models`` on the test subjects of ``dataset``."""
@@ -131,9 +158,10 @@ def evaluate_models(settings: DemoSettings, dataset: Path, models: list[TrainedM
             batch_size=settings.eval_batch_size, window=(settings.eval_window or settings.patch_size,) * 3)
     cases = load_test_cases(Path(dataset) / "imagesTs", Path(dataset) / "labelsTs", len(info.channel_names))
     total = len(cases) * len(rotation_jobs(settings.axes, settings.angles)) * len(segmenters)
+    rotate = SubjectRotation(settings, cached_template(settings.voxel_mm, Path(dataset).parent / "cache"))
     with tqdm(total=total, desc="rotated test predictions", unit="pred", disable=not progress) as bar:
         scores = rotation_experiment(segmenters, cases, info.label_values[1:], settings.axes, settings.angles,
-                                     progress=lambda text: bar.update())
+                                     progress=lambda text: bar.update(), rotate=rotate)
     speeds = {name: segmenter.voxels_per_second for name, segmenter in segmenters.items()}
     return scores, speeds, list(info.label_names[1:])
 

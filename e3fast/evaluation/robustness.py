@@ -66,26 +66,34 @@ def rotation_jobs(axes: Sequence[str], angles: Sequence[float]) -> list[tuple[st
     return jobs
 
 
+def resampled_rotation(case: HeldOutCase, axis: int, degrees: float) -> tuple[np.ndarray, np.ndarray]:
+    """The case (already on a cubic canvas) turned by resampling its image and labels (:func:`rotate_case`)."""
+    return rotate_case(case.image, case.labels, axis, degrees)
+
+
 def rotation_experiment(segmenters: Mapping[str, object], cases: Sequence[HeldOutCase], label_values: Sequence[int],
                         axes: Sequence[str] = ("x", "y", "z"), angles: Sequence[float] = (0, 45, 90, 135, 180),
-                        progress: Callable[[str], None] | None = None) -> list[RotationScore]:
+                        progress: Callable[[str], None] | None = None,
+                        rotate: Callable[[HeldOutCase, int, float], tuple[np.ndarray, np.ndarray]] = resampled_rotation,
+                        ) -> list[RotationScore]:
     """Score every model of ``segmenters`` (name -> object with ``segment(image) -> labels`` and
     ``patch_size``) on every case rotated through ``angles`` about ``axes``.
 
     ``label_values`` are the foreground values scored. ``progress(text)`` is called after each
-    prediction.
+    prediction. ``rotate(case, axis, degrees)`` turns a case centred on its cubic canvas
+    (default: :func:`resampled_rotation`; the demo re-synthesises its subjects in the new pose).
     """
     windows = [getattr(s, "patch_size", None) for s in segmenters.values()]
     window = max((w for w in windows if w is not None), key=max, default=None)
     scores = []
     for case in cases:
         edge = cube_edge(case.labels.shape, window)
-        image, labels = pad_to_cube(case.image, edge), pad_to_cube(case.labels, edge)
+        cube = HeldOutCase(case.name, pad_to_cube(case.image, edge), pad_to_cube(case.labels, edge))
         for axis, degrees in rotation_jobs(axes, angles):
             if axis == "-":
-                rotated_image, rotated_labels = image, labels
+                rotated_image, rotated_labels = cube.image, cube.labels
             else:
-                rotated_image, rotated_labels = rotate_case(image, labels, AXES[axis], degrees)
+                rotated_image, rotated_labels = rotate(cube, AXES[axis], degrees)
             for name, segmenter in segmenters.items():
                 prediction = segmenter.segment(rotated_image)
                 dice = dice_per_class(prediction, rotated_labels, label_values)
