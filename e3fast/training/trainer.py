@@ -206,7 +206,8 @@ class _Run:
             loss = validation_loss(self.model, self.validation_sampler, config.validation_patches, config.batch_size,
                                    self.loss_fn, self.context, self._prepare_input)
         if self.early_stopping.update(loss, step):
-            self.best_state = {key: value.detach().to("cpu", copy=True) for key, value in self.model.state_dict().items()}
+            self.best_state = {key: value.detach().to("cpu", copy=True)
+                               for key, value in self.model.state_dict().items()}
         return loss
 
     def _save(self, step: int) -> None:
