@@ -76,8 +76,16 @@ def test_check_names_a_missing_channel_file(nnunet_root):
         check_dataset(nnunet_root)
 
 
+def test_check_names_a_channel_file_dataset_json_does_not_declare(nnunet_root):
+    _rewrite(nnunet_root / "imagesTr" / "case_000_0002.nii.gz", np.zeros((8, 9, 10), np.float32),
+             affine_for((1, 1.5, 2)))
+    with pytest.raises(DatasetError, match="case_000_0002.nii.gz: channel file not declared"):
+        check_dataset(nnunet_root)
+
+
 def test_check_names_a_channel_of_another_shape(nnunet_root):
-    _rewrite(nnunet_root / "imagesTr" / "case_000_0001.nii.gz", np.zeros((8, 9, 11), np.float32), affine_for((1, 1.5, 2)))
+    _rewrite(nnunet_root / "imagesTr" / "case_000_0001.nii.gz", np.zeros((8, 9, 11), np.float32),
+             affine_for((1, 1.5, 2)))
     with pytest.raises(DatasetError, match=r"case_000_0001.nii.gz: shape \(8, 9, 11\) differs"):
         check_dataset(nnunet_root)
 

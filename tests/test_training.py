@@ -58,7 +58,20 @@ def _losses(metrics: Path) -> list[tuple[str, str, str]]:
         return [(row["step"], row["loss"], row["val_loss"]) for row in csv.DictReader(handle)]
 
 
-def test_api_trains_and_the_checkpoint_gives_a_working_model(nnunet_root, tmp_path):
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a non-local connection fails the test."""
+    connect = socket.socket.connect
+
+    def local_only(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in ("127.0.0.1", "localhost", "::1"):
+            raise AssertionError(f"network access attempted: {address}")
+        return connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", local_only)
+
+
+def test_api_trains_and_the_checkpoint_gives_a_working_model(nnunet_root, tmp_path, no_network):
     result = train(TrainConfig(nnunet_root, tmp_path / "run", steps=4, checkpoint_every=3, **TINY))
     assert result.stop_reason == "steps" and not result.stopped_early and result.last_step == 4
     assert [row["step"] for row in result.history] == [1, 2, 3, 4]

@@ -1,6 +1,7 @@
 """The dataset check: every problem that would stop training, found before training starts.
 
-For every case: each channel file exists and can be read, channels and label agree in shape and
+For every case: each channel file exists and can be read (and no image file lies outside the
+declared channels), channels and label agree in shape and
 affine, the number of channels matches ``dataset.json``, and the label maps only hold values declared
 in ``dataset.json``. All problems are collected and raised together as one :class:`DatasetError`
 whose message names each file at fault.
@@ -52,7 +53,7 @@ def check_dataset(path) -> DatasetReport:
     """Check a dataset folder (see the module docstring); raises DatasetError listing each bad file."""
     dataset = load_dataset(path)
     report = DatasetReport(dataset)
-    problems = []
+    problems = _undeclared_channel_files(dataset)
     for case in dataset.cases:
         try:
             _check_case(case, dataset, report)
@@ -64,6 +65,22 @@ def check_dataset(path) -> DatasetReport:
         raise DatasetError(f"{dataset.root}: {len(problems)} problem(s) found:\n  " + "\n  ".join(shown)
                            + (f"\n  ... and {more} more" if more else ""))
     return report
+
+
+def _undeclared_channel_files(dataset: SegmentationDataset) -> list[str]:
+    """nnU-Net channel files whose index dataset.json does not declare (``CASE_0002`` of 2 channels)."""
+    if dataset.layout != "nnunet":
+        return []
+    expected = {path for case in dataset.cases for path in case.image_paths}
+    problems = []
+    for folder in ("imagesTr", "imagesTs"):
+        directory = dataset.root / folder
+        if directory.is_dir():
+            problems += [f"{path}: channel file not declared in {dataset.root / 'dataset.json'} "
+                         f"('channel_names' has {dataset.num_channels})"
+                         for path in sorted(directory.iterdir())
+                         if path.name.endswith(dataset.file_ending) and path not in expected]
+    return problems
 
 
 def _check_case(case: Case, dataset: SegmentationDataset, report: DatasetReport) -> None:

@@ -206,19 +206,46 @@ class _Run:
             loss = validation_loss(self.model, self.validation_sampler, config.validation_patches, config.batch_size,
                                    self.loss_fn, self.context, self._prepare_input)
         if self.early_stopping.update(loss, step):
-            self.best_state = {key: value.detach().to("cpu", copy=True) for key, value in self.model.state_dict().items()}
+            self.best_state = {key: value.detach().to("cpu", copy=True)
+                               for key, value in self.model.state_dict().items()}
         return loss
 
     def _save(self, step: int) -> None:
         if self.context.is_main:
             save_checkpoint(self.checkpoint_path, self._state(step))
 
+    def _network(self) -> torch.nn.Module:
+        """The model, wrapped in DistributedDataParallel when there are several processes."""
+        if not self.context.is_distributed:
+            return self.model
+        return DistributedDataParallel(self.model, device_ids=[self.device.index]
+                                       if self.device.type == "cuda" else None)
+
+    def _optimize(self, network: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One Adam step on a batch; the loss (a tensor, not yet synchronized)."""
+        images, labels = self._prepare_input(images), labels.to(self.device, non_blocking=True)
+        with self._autocast():
+            logits = network(images)
+        loss = self.loss_fn(logits, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss
+
+    def _stop_reason(self, step: int, out_of_time: bool, validated: bool) -> str | None:
+        """Why the run ends after ``step``, or None to go on."""
+        if out_of_time:
+            return "minutes"
+        if validated and self.early_stopping.should_stop:
+            return "early_stopping"
+        if self.config.steps is not None and step >= self.config.steps:
+            return "steps"
+        return None
+
     def train(self) -> TrainResult:
+        """Train from ``start_step`` until a stopping rule fires; the final checkpoint is written."""
         config, context = self.config, self.context
-        network = self.model
-        if context.is_distributed:
-            network = DistributedDataParallel(self.model, device_ids=[self.device.index]
-                                              if self.device.type == "cuda" else None)
+        network = self._network()
         network.train()
         log = MetricsLog(self.output_dir, self.start_step if self.resumed else None) if context.is_main else None
         loader = step_loader(self.sampler, config.batch_size, self.start_step, config.steps, context.rank,
@@ -230,13 +257,7 @@ class _Run:
         last = time.perf_counter()
         try:
             for images, labels in loader:
-                images, labels = self._prepare_input(images), labels.to(self.device, non_blocking=True)
-                with self._autocast():
-                    logits = network(images)
-                loss = self.loss_fn(logits, labels)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
+                loss = self._optimize(network, images, labels)
                 step += 1
                 val_loss = self._validate(step)
                 now = time.perf_counter()
@@ -254,15 +275,12 @@ class _Run:
                     log.log(row)
                 bar.set_postfix(_progress_fields(row, self.early_stopping), refresh=False)
                 bar.update(1)
-                if stop_votes > 0:
-                    stop_reason = "minutes"
-                elif val_loss is not None and self.early_stopping.should_stop:
-                    stop_reason = "early_stopping"
-                finished = stop_reason != "steps" or (config.steps is not None and step >= config.steps)
-                if step % config.checkpoint_every == 0 or finished:
+                reason = self._stop_reason(step, stop_votes > 0, val_loss is not None)
+                if step % config.checkpoint_every == 0 or reason is not None:
                     self._save(step)
                     saved_step = step
-                if finished:
+                if reason is not None:
+                    stop_reason = reason
                     break
         finally:
             bar.close()
