@@ -1,4 +1,4 @@
-# make run  -- install into .venv (if needed) and run `e3fast example`
+# make run  -- install into .venv (if needed) and run the brain demo `e3fast demo --quick` (~5 min)
 # make test -- install into .venv (if needed) and run the test suite
 #
 # The install is redone only when setup.py or the C++ sources change (stamp file in .venv).
@@ -17,7 +17,7 @@ NATIVE_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csr
 .PHONY: run test install bench clean
 
 run: install
-	$(VENV)/bin/e3fast example
+	$(VENV)/bin/e3fast demo --quick
 
 test: install
 	$(VENV_PYTHON) -m pytest tests -q
@@ -33,7 +33,7 @@ $(VENV_PYTHON):
 $(INSTALLED): $(VENV_PYTHON) setup.py $(NATIVE_SOURCES)
 	$(VENV_PYTHON) -m pip install $(PIP_FLAGS) "setuptools>=64" wheel ninja
 	$(VENV_PYTHON) -m pip install $(PIP_FLAGS) $(TORCH_SPEC)
-	$(VENV_PYTHON) -m pip install $(PIP_FLAGS) --no-build-isolation --use-pep517 -e ".[test]"
+	$(VENV_PYTHON) -m pip install $(PIP_FLAGS) --no-build-isolation --use-pep517 -e ".[test,demo]"
 	touch $@
 
 clean:

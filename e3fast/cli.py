@@ -2,6 +2,12 @@
 
 * ``e3fast example`` -- train the paper's U-Net for a few steps on a synthetic volume, report the
   speed and check rotation equivariance (about a minute on a 2-core CPU).
+* ``e3fast train`` -- train a segmentation U-Net on an nnU-Net/MSD dataset (see
+  :mod:`e3fast.training.command`).
+* ``e3fast predict`` -- segment NIfTI cases with a checkpoint (:mod:`e3fast.inference.command`).
+* ``e3fast evaluate`` -- Dice of label maps, Dice vs rotation angle (:mod:`e3fast.evaluation.command`).
+* ``e3fast demo`` -- the embedded MNI152 brain demo: equivariant vs plain U-Net under rotations
+  (:mod:`e3fast.demo.command`).
 * ``e3fast bench`` -- run the CPU benchmark suite of a source checkout
   (``benchmarks/run_cpu.sh``) and write ``benchmarks/results/<machine>-<date>.{json,md}``.
 """
@@ -14,6 +20,10 @@ import sys
 from pathlib import Path
 
 from e3fast.backends import BACKENDS
+from e3fast.demo.command import add_demo_command
+from e3fast.evaluation.command import add_evaluate_command
+from e3fast.inference.command import add_predict_command
+from e3fast.training.command import add_train_command
 
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
 BENCH_SCRIPT = SOURCE_ROOT / "benchmarks" / "run_cpu.sh"
@@ -67,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     example.add_argument("--device", default="cpu", help="torch device (cpu)")
     example.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     example.set_defaults(handler=run_example_command)
+
+    add_train_command(commands)
+    add_predict_command(commands)
+    add_evaluate_command(commands)
+    add_demo_command(commands)
 
     bench = commands.add_parser("bench", help="run the CPU benchmarks of a source checkout",
                                 description="Runs benchmarks/run_cpu.sh; results go to benchmarks/results/. "
