@@ -8,9 +8,9 @@ prepares a model for inference (``unfreeze`` goes back).
 from e3fast.backends import available_backends, set_backend, use_backend
 from e3fast import ops, nn, models  # noqa: E402  (ops registers the native autograd)
 from e3fast.acceleration import AccelerationReport, accelerate  # noqa: E402
-from e3fast.freezing import freeze, unfreeze  # noqa: E402
+from e3fast.freezing import freeze, is_frozen, unfreeze  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = ["available_backends", "set_backend", "use_backend", "ops", "nn", "models", "accelerate",
-           "AccelerationReport", "freeze", "unfreeze", "__version__"]
+           "AccelerationReport", "freeze", "unfreeze", "is_frozen", "__version__"]
