@@ -43,15 +43,25 @@ def accelerate(model: torch.nn.Module, *, inplace: bool = True,
     their output on a random input (``verify=False`` skips that check). Everything else -- unknown
     modules, and recognised ones e3fast cannot reproduce -- is left as it was and named in the
     report with the reason. With ``inplace=False`` a deep copy is accelerated and the original model
-    is untouched (the copy has its own parameters). Use the returned model: it is a new object
+    is untouched (the copy has its own parameters); models that ``copy.deepcopy`` cannot copy (e3nn's
+    v2104 ``Convolution``, whose tensor product is built with ``compile_left_right=False``) raise a
+    ``TypeError`` then. Use the returned model: it is a new object
     when ``model`` itself was replaced.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"accelerate takes a torch.nn.Module, got {type(model).__name__}")
     if not inplace:
-        model = copy.deepcopy(model)
+        model = _deep_copy(model)
     swapper = _Swapper(model, verify)
     return swapper.visit(model, ""), swapper.report
+
+
+def _deep_copy(model: torch.nn.Module) -> torch.nn.Module:
+    try:
+        return copy.deepcopy(model)
+    except Exception as error:  # e.g. e3nn's v2104 Convolution: its tensor product cannot be unpickled
+        raise TypeError(f"accelerate(inplace=False) needs a deep copy of the {type(model).__name__}, which failed "
+                        f"({type(error).__name__}: {error}); accelerate it in place instead") from error
 
 
 def _child_path(path: str, name: str) -> str:
