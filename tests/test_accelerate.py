@@ -78,13 +78,18 @@ def _unet(equivariance="SO3", n_downsample=2, **options):
 
 
 def _unet_twins(equivariance="SO3", n_downsample=2, **options):
-    """Two float64 copies of the same U-Net: one to accelerate, one to compare with."""
-    return _unet(equivariance, n_downsample, **options), _unet(equivariance, n_downsample, **options)
+    """Two float64 U-Nets with the same weights: a copy to accelerate, and the cached original to
+    compare with, gradients cleared (tests that change the original's state use :func:`_unet`)."""
+    original = _pristine_e3nn_unet(equivariance, n_downsample, tuple(sorted(options.items())))
+    original.zero_grad(set_to_none=True)
+    return _unet(equivariance, n_downsample, **options), original
 
 
 def _e3nn_unet(equivariance="SO3", n_downsample=2, **options):
     # per_sample_pooling=False: e3nn_Unet's own pooling, sample 0's vectors for every sample.
-    return e3nn_reference.UNet("1x0e", "3x0e", 5.0, 3, (1.0, 1.0, 1.0), n=1, n_downsample=n_downsample,
+    # 3^3 kernels in the 3-level nets (5^3 in the others): e3nn's float64 kernels take their time.
+    diameter = 3.0 if n_downsample > 2 else 5.0
+    return e3nn_reference.UNet("1x0e", "3x0e", diameter, 3, (1.0, 1.0, 1.0), n=1, n_downsample=n_downsample,
                                equivariance=equivariance, per_sample_pooling=False, **options)
 
 
@@ -112,7 +117,7 @@ def _check_outputs_and_gradients(accelerated, original, x, rtol=RTOL):
 
 
 @pytest.mark.parametrize("equivariance,n_downsample,size", [
-    ("SO3", 2, (8, 9, 7)), ("SO3", 3, (8, 8, 16)), ("O3", 2, (7, 8, 8)), ("O3", 3, (16, 8, 8))])
+    ("SO3", 2, (8, 9, 7)), ("SO3", 3, (8, 8, 8)), ("O3", 2, (7, 8, 8)), ("O3", 3, (8, 8, 8))])
 def test_unet_outputs_and_gradients_equal_the_original(equivariance, n_downsample, size):
     model, original = _unet_twins(equivariance, n_downsample)
     keys = set(model.state_dict())
@@ -133,10 +138,11 @@ def test_unet_outputs_and_gradients_equal_the_original(equivariance, n_downsampl
 
 
 def test_unet_on_the_reference_backend():
-    model, original = _unet_twins("O3", 2)
+    model, original = _unet_twins("SO3", 2)
     e3fast.accelerate(model, verify=False)
-    with e3fast.use_backend("reference"):
-        _check_outputs_and_gradients(model, original, _x(1, 1, 8, 7, 8))
+    x = _x(1, 1, 4, 5, 4)
+    with e3fast.use_backend("reference"):  # forward only: the reference kernel assembly's backward is slow
+        assert_relative(model(x), original(x), RTOL, "output")
 
 
 def _pool_per_sample(model: torch.nn.Module) -> torch.nn.Module:
@@ -152,7 +158,7 @@ def test_batch_equals_per_sample_runs_of_the_original(equivariance):
     """The swap fixes e3nn_Unet's pooling: every sample pooled on its own."""
     model, original = _unet_twins(equivariance, 2)
     e3fast.accelerate(model, verify=False)
-    x = _x(3, 1, 8, 6, 8)
+    x = _x(2, 1, 8, 4, 4)
     per_sample = torch.cat([original(sample[None]) for sample in x])
     assert_relative(model(x), per_sample, RTOL, "batch of 3")
     assert (original(x)[1:] - per_sample[1:]).abs().max() > 1e-3, "the original's pooling bug should show"
@@ -170,7 +176,8 @@ def test_unet_options(options):
 
 
 def test_training_step_through_an_optimizer_made_before_the_swap():
-    model, original = _unet_twins("SO3", 2, batch_norm="batch", scalar_upsampling=True, cutoff=True)
+    options = dict(batch_norm="batch", scalar_upsampling=True, cutoff=True)
+    model, original = _unet("SO3", 2, **options), _unet("SO3", 2, **options)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     original_optimizer = torch.optim.Adam(original.parameters(), lr=1e-2)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -180,7 +187,7 @@ def test_training_step_through_an_optimizer_made_before_the_swap():
     assert [id(p) for p in optimizer.param_groups[0]["params"]] == [id(p) for p in model.parameters()]
     assert all(buffer is running[name] for name, buffer in model.named_buffers() if "running" in name)
     _pool_per_sample(original)
-    x, labels = _x(2, 1, 8, 8, 8), torch.randint(0, 3, (2, 8, 8, 8))
+    x, labels = _x(2, 1, 8, 4, 8), torch.randint(0, 3, (2, 8, 4, 8))
     for net, opt in ((model, optimizer), (original, original_optimizer)):
         for _ in range(2):
             opt.zero_grad()
@@ -205,7 +212,7 @@ def test_training_step_through_an_optimizer_made_before_the_swap():
 def test_checkpoints_load_both_ways():
     model, original = _unet_twins("SO3", 2)
     e3fast.accelerate(model, verify=False)
-    fresh_e3nn, fresh_accelerated = (_randomized(net) for net in _unet_twins("SO3", 2))  # other weights
+    fresh_e3nn, fresh_accelerated = _randomized(_unet("SO3", 2)), _randomized(_unet("SO3", 2))  # other weights
     e3fast.accelerate(fresh_accelerated, verify=False)
     result = fresh_e3nn.load_state_dict(model.state_dict(), strict=True)  # accelerated -> e3nn
     assert not result.missing_keys and not result.unexpected_keys
