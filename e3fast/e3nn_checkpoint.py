@@ -5,7 +5,9 @@ e3nn voxel modules save constant buffers next to their parameters: the convoluti
 an empty ``weight``, ``output_mask``) and ``o3.Linear``'s empty ``bias`` and ``output_mask``.
 e3fast derives all of them from the constructor arguments, so on load each is checked against
 e3fast's own value (a mismatch means the checkpoint was made with another configuration) and
-then dropped. e3fast's own ``state_dict`` holds parameters and running statistics only.
+then dropped. e3fast's own ``state_dict`` holds parameters and running statistics only -- except
+for the modules :func:`e3fast.accelerate` puts in place of e3nn modules
+(:class:`KeepsE3nnStateDict`), whose state_dict keeps the e3nn module's keys.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from e3fast.steerable_basis import physical_lattice
 def _check_close(state_dict, key: str, expected: torch.Tensor, what: str) -> None:
     saved = state_dict.pop(key)
     if tuple(saved.shape) != tuple(expected.shape) or not torch.allclose(
-            saved.to(torch.float64), expected.to(torch.float64), rtol=1e-4, atol=1e-5):
+            saved.detach().to("cpu", torch.float64), expected.detach().to("cpu", torch.float64), rtol=1e-4,
+            atol=1e-5):
         raise ValueError(f"checkpoint entry {key!r} does not match this module's {what}: "
                          f"the checkpoint was saved with another configuration")
 
@@ -51,3 +54,43 @@ def absorb_linear_buffers(linear, state_dict, prefix: str) -> None:
         del state_dict[prefix + "bias"]
     if prefix + "output_mask" in state_dict:
         _check_close(state_dict, prefix + "output_mask", linear.output_mask(), "output mask (irreps)")
+
+
+class KeepsE3nnStateDict:
+    """Mixin for a module that replaced an e3nn module: its ``state_dict`` keeps the e3nn one's keys.
+
+    The replacement holds the e3nn module's parameters (and running statistics) itself; the other
+    entries of the e3nn module's ``state_dict`` are constants (lattice, spherical harmonics,
+    tensor-product tables, empty biases) that it no longer needs. :meth:`keep_e3nn_constants`
+    records them; they are written back on ``state_dict()`` -- so a checkpoint of the accelerated
+    model loads into the original e3nn model -- and checked and dropped on ``load_state_dict`` --
+    so e3nn checkpoints load into the accelerated model.
+    """
+
+    _e3nn_constants: dict[str, torch.Tensor] = {}
+
+    def keep_e3nn_constants(self, original: torch.nn.Module) -> None:
+        """Record the entries of ``original.state_dict()`` that this module's own state_dict lacks."""
+        self._e3nn_constants = {}
+        own = set(self.state_dict())
+        self._e3nn_constants = {key: value.detach() for key, value in original.state_dict().items()
+                                if key not in own}
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for key, value in self._e3nn_constants.items():
+            destination[prefix + key] = value
+
+    def _drop_e3nn_constants(self, state_dict, prefix: str) -> None:
+        """Check the e3nn constants present in ``state_dict`` against the recorded ones and drop them."""
+        for key, value in self._e3nn_constants.items():
+            if prefix + key in state_dict:
+                _check_close(state_dict, prefix + key, value, f"e3nn constant {key!r}")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._drop_e3nn_constants(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._e3nn_constants = {key: fn(value) for key, value in self._e3nn_constants.items()}
+        return super()._apply(fn, *args, **kwargs)

@@ -58,15 +58,25 @@ def _offsets(irreps: o3.Irreps) -> list[int]:
     return offsets
 
 
+def kernel_tensor_product(irreps_in, irreps_sh, irreps_out) -> o3.FullyConnectedTensorProduct:
+    """The tensor product whose instructions the kernels follow (e3nn's defaults, as the e3nn
+    voxel convolutions build it). Only its instructions are used, so no code is generated for it."""
+    return o3.FullyConnectedTensorProduct(irreps_in, irreps_sh, irreps_out, shared_weights=False,
+                                          compile_left_right=False, _optimize_einsums=False)
+
+
+def self_connection_linear(irreps_in, irreps_out) -> o3.Linear:
+    """The ``o3.Linear`` whose instructions the self-connection follows (e3nn's defaults)."""
+    return o3.Linear(irreps_in, irreps_out, _optimize_einsums=False)
+
+
 def tensor_product_paths(irreps_in, irreps_sh, irreps_out, sh: torch.Tensor, radial: torch.Tensor):
     """Path rows and basis blocks for ``FullyConnectedTensorProduct(irreps_in, irreps_sh, irreps_out)``.
 
     ``sh``: ``[taps, irreps_sh.dim]`` spherical harmonics, ``radial``: ``[taps, R]`` radial
     factors (embedding times normalization). Returns ``(rows, blocks, weight_numel)``.
     """
-    # Only the instructions are needed: skip e3nn's einsum-path optimization of the unused code.
-    tp = o3.FullyConnectedTensorProduct(irreps_in, irreps_sh, irreps_out, shared_weights=False,
-                                        _optimize_einsums=False)
+    tp = kernel_tensor_product(irreps_in, irreps_sh, irreps_out)
     in_offsets, sh_offsets, out_offsets = _offsets(irreps_in), _offsets(irreps_sh), _offsets(irreps_out)
     angular_cache: dict[tuple[int, int, int, int], torch.Tensor] = {}
 
@@ -104,7 +114,7 @@ def tensor_product_paths(irreps_in, irreps_sh, irreps_out, sh: torch.Tensor, rad
 
 def self_connection_rows(irreps_in, irreps_out):
     """Rows, scales and weight count of ``o3.Linear(irreps_in, irreps_out)`` (no biases)."""
-    linear = o3.Linear(irreps_in, irreps_out, _optimize_einsums=False)
+    linear = self_connection_linear(irreps_in, irreps_out)
     in_offsets, out_offsets = _offsets(irreps_in), _offsets(irreps_out)
     rows, scales = [], []
     weight_offset = 0
@@ -118,32 +128,48 @@ def self_connection_rows(irreps_in, irreps_out):
     return rows, scales, linear.weight_numel
 
 
+def _lattice_harmonics(irreps_sh: o3.Irreps, lattice: torch.Tensor | None,
+                       harmonics: torch.Tensor | None) -> torch.Tensor:
+    """float64 ``[kx, ky, kz, irreps_sh.dim]`` spherical harmonics of the lattice directions."""
+    if harmonics is None:
+        return o3.spherical_harmonics(irreps_sh, lattice.to(torch.float64), normalize=True,
+                                      normalization="component")
+    if harmonics.dim() != 4 or harmonics.shape[-1] != irreps_sh.dim:
+        raise ValueError(f"harmonics must have shape [kx, ky, kz, {irreps_sh.dim}] for irreps_sh {irreps_sh}, "
+                         f"got {list(harmonics.shape)}")
+    return harmonics.to(torch.float64)
+
+
 class SteerableKernelBasis(torch.nn.Module):
     """Constant basis and tables that turn weights into a dense ``[out, in, kx, ky, kz]`` kernel.
 
-    Holds non-persistent buffers only (nothing lands in a ``state_dict``). ``lattice=None`` gives
-    a ``1x1x1`` kernel made of the self-connection alone: an equivariant per-voxel linear map.
-    The basis is computed in float64 and stored in the default dtype.
+    Holds non-persistent buffers only (nothing lands in a ``state_dict``). The kernel's taps are
+    given by a ``lattice`` of positions ``[kx, ky, kz, 3]`` or directly by their spherical
+    ``harmonics`` ``[kx, ky, kz, irreps_sh.dim]`` (e.g. an e3nn convolution's ``sh`` buffer);
+    with neither, the kernel is ``1x1x1`` and made of the self-connection alone: an equivariant
+    per-voxel linear map. ``radial_embedding`` ``[kx, ky, kz, R]`` times ``conv_scale / taps``
+    gives the radial factors. The basis is computed in float64 and stored in ``dtype`` (default:
+    torch's default dtype).
     """
 
     def __init__(self, irreps_in, irreps_out, irreps_sh=None, lattice: torch.Tensor | None = None,
                  radial_embedding: torch.Tensor | None = None, conv_scale: float = 1.0,
-                 self_connection: bool = True):
+                 self_connection: bool = True, *, harmonics: torch.Tensor | None = None,
+                 dtype: torch.dtype | None = None):
         super().__init__()
         self.irreps_in = parse_irreps(irreps_in, "irreps_in")
         self.irreps_out = parse_irreps(irreps_out, "irreps_out")
         self.in_dim, self.out_dim = self.irreps_in.dim, self.irreps_out.dim
 
-        if lattice is None:
+        if lattice is None and harmonics is None:
             self.kernel_size = (1, 1, 1)
             self.num_radial, self.radial_numel = 0, 0
             rows, blocks = [], []
         else:
             irreps_sh = parse_irreps(irreps_sh, "irreps_sh")
-            lattice = lattice.to(torch.float64)
-            self.kernel_size = tuple(lattice.shape[:3])
+            sh = _lattice_harmonics(irreps_sh, lattice, harmonics)
+            self.kernel_size = tuple(sh.shape[:3])
             taps = math.prod(self.kernel_size)
-            sh = o3.spherical_harmonics(irreps_sh, lattice, normalize=True, normalization="component")
             radial = radial_embedding.to(torch.float64).reshape(taps, -1) * (conv_scale / taps)
             self.num_radial = radial.shape[1]
             rows, blocks, self.radial_numel = tensor_product_paths(
@@ -154,7 +180,7 @@ class SteerableKernelBasis(torch.nn.Module):
         else:
             sc_rows, self.sc_scales, self.sc_numel = [], [], 0
 
-        dtype = torch.get_default_dtype()
+        dtype = dtype or torch.get_default_dtype()
         basis = torch.cat(blocks) if blocks else torch.zeros(0, dtype=torch.float64)
         self.register_buffer("basis", basis.to(dtype), persistent=False)
         self.register_buffer("paths", torch.tensor(rows, dtype=torch.int64).reshape(-1, len(PATH_COLUMNS)),

@@ -6,9 +6,10 @@ import torch.nn.functional as F
 
 from e3fast.e3nn_checkpoint import absorb_convolution_buffers
 from e3fast.irreps_layout import check_same_device, check_voxel_input, irreps_channels, parse_irreps
+from e3fast.nn.assembled_kernel import AssembledKernelModule
 from e3fast.nn.linear import Linear
 from e3fast.ops import assemble_kernel
-from e3fast.steerable_basis import voxel_convolution_basis
+from e3fast.steerable_basis import SteerableKernelBasis, voxel_convolution_basis
 
 
 def _cpu_low_precision_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -33,7 +34,7 @@ def _conv3d_in_float32(x: torch.Tensor, kernel: torch.Tensor, padding) -> torch.
         return F.conv3d(x.float(), kernel.float(), padding=padding)
 
 
-class VoxelConvolution(torch.nn.Module):
+class VoxelConvolution(AssembledKernelModule):
     """SO(3)/O(3)-steerable convolution on voxels in physical units.
 
     Same semantics and parameters as e3nn_Unet's ``voxel_convolution.Convolution``:
@@ -45,34 +46,40 @@ class VoxelConvolution(torch.nn.Module):
     Parameters: ``weight`` ``[num_radial_basis, tp.weight_numel]`` and ``sc.weight``, as in e3nn.
     ``cutoff``: True / False / ``'left'`` / ``'right'`` (see :mod:`e3fast.radial_basis`).
     ``padding`` (default ``kernel_size // 2`` per axis, 'same') is the only conv3d option.
+    The kernel can be frozen for inference (:class:`~e3fast.nn.assembled_kernel.AssembledKernelModule`).
     """
 
     def __init__(self, irreps_in, irreps_out, irreps_sh, diameter: float, num_radial_basis: int,
                  steps=(1.0, 1.0, 1.0), cutoff=True, **kwargs):
         super().__init__()
-        self.irreps_in = parse_irreps(irreps_in, "irreps_in")
-        self.irreps_out = parse_irreps(irreps_out, "irreps_out")
-        self.irreps_sh = parse_irreps(irreps_sh, "irreps_sh")
-        self.channels_in = irreps_channels(self.irreps_in)
         unsupported = set(kwargs) - {"padding"}
         if unsupported:
             raise TypeError(f"VoxelConvolution got unsupported conv3d options {sorted(unsupported)}")
         if len(tuple(steps)) != 3 or min(steps) <= 0:
             raise ValueError(f"steps must be 3 positive voxel sizes, got {steps!r}")
-        self.num_radial_basis = num_radial_basis
         self.diameter, self.steps, self.cutoff = diameter, tuple(steps), cutoff
-
-        self.sc = Linear(self.irreps_in, self.irreps_out)
-        self.basis = voxel_convolution_basis(self.irreps_in, self.irreps_out, self.irreps_sh, diameter,
-                                             num_radial_basis, self.steps, cutoff)
-        self.padding = kwargs.get("padding", tuple(k // 2 for k in self.basis.kernel_size))
+        irreps_in, irreps_out = parse_irreps(irreps_in, "irreps_in"), parse_irreps(irreps_out, "irreps_out")
+        irreps_sh = parse_irreps(irreps_sh, "irreps_sh")
+        basis = voxel_convolution_basis(irreps_in, irreps_out, irreps_sh, diameter, num_radial_basis, self.steps,
+                                        cutoff)
+        self._setup(basis, irreps_sh, kwargs.get("padding"))
         self.weight = torch.nn.Parameter(torch.randn(num_radial_basis, self.basis.radial_numel))
+
+    def _setup(self, basis: SteerableKernelBasis, irreps_sh, padding) -> None:
+        """Irreps, self-connection, basis and padding (default: ``kernel_size // 2``); no radial weight."""
+        self.irreps_in, self.irreps_out = basis.irreps_in, basis.irreps_out
+        self.irreps_sh = parse_irreps(irreps_sh, "irreps_sh")
+        self.channels_in = irreps_channels(self.irreps_in)
+        self.num_radial_basis = basis.num_radial
+        self.sc = Linear(self.irreps_in, self.irreps_out)
+        self.basis = basis
+        self.padding = tuple(k // 2 for k in basis.kernel_size) if padding is None else padding
 
     @property
     def kernel_size(self) -> tuple[int, int, int]:
         return self.basis.kernel_size
 
-    def kernel(self) -> torch.Tensor:
+    def assembled_kernel(self) -> torch.Tensor:
         """The dense ``[irreps_out.dim, irreps_in.dim, kx, ky, kz]`` kernel, self-connection included."""
         return assemble_kernel(self.weight, self.sc.weight, self.basis)
 

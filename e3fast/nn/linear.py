@@ -6,16 +6,18 @@ import torch.nn.functional as F
 
 from e3fast.e3nn_checkpoint import absorb_linear_buffers
 from e3fast.irreps_layout import check_same_device, check_voxel_input, irreps_channels, parse_irreps
+from e3fast.nn.assembled_kernel import AssembledKernelModule
 from e3fast.ops import assemble_kernel
 from e3fast.steerable_basis import SteerableKernelBasis
 
 
-class Linear(torch.nn.Module):
+class Linear(AssembledKernelModule):
     """``y[b, :, x, y, z] = o3.Linear(irreps_in, irreps_out)(x[b, :, x, y, z])``.
 
     Same parameter as e3nn (``weight``: ``[weight_numel]``, standard normal at init, path
     normalization ``1/sqrt(fan_in)``), so e3nn state_dicts load unchanged. The block matrix is
-    assembled by the kernel-assembly op and applied as a ``1x1x1`` convolution.
+    assembled by the kernel-assembly op and applied as a ``1x1x1`` convolution (or frozen for
+    inference, see :class:`~e3fast.nn.assembled_kernel.AssembledKernelModule`).
     """
 
     def __init__(self, irreps_in, irreps_out):
@@ -30,7 +32,7 @@ class Linear(torch.nn.Module):
         """The dense ``[irreps_out.dim, irreps_in.dim]`` matrix."""
         return self.kernel().flatten(1)
 
-    def kernel(self) -> torch.Tensor:
+    def assembled_kernel(self) -> torch.Tensor:
         empty = self.weight.new_zeros(0, 0)
         return assemble_kernel(empty, self.weight, self.basis)
 

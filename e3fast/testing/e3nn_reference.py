@@ -45,7 +45,7 @@ class Convolution(torch.nn.Module):
         axes = [torch.arange(-math.floor(radius / s), math.floor(radius / s) + 1.0) * s for s in steps]
         lattice = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
         self.register_buffer("lattice", lattice)
-        self.padding = tuple(s // 2 for s in lattice.shape[:3])
+        self.kwargs = {"padding": tuple(s // 2 for s in lattice.shape[:3])}  # conv3d options, as e3nn_Unet
         self.register_buffer("emb", radial_embedding(lattice.norm(dim=-1), radius, num_radial_basis, cutoff))
         self.register_buffer("sh", o3.spherical_harmonics(self.irreps_sh, lattice, normalize=True,
                                                           normalization="component"))
@@ -60,7 +60,34 @@ class Convolution(torch.nn.Module):
 
     def forward(self, x):
         sc = self.sc(x.transpose(1, 4)).transpose(1, 4)
-        return sc + F.conv3d(x, self.kernel(), padding=self.padding)
+        return sc + F.conv3d(x, self.kernel(), **self.kwargs)
+
+
+class ConvolutionVoxel(torch.nn.Module):
+    """e3nn voxel convolution in voxel units (e3nn_Unet's ``ConvolutionVoxel``, e3nn's v2103):
+    a ``size``-point lattice on [-1, 1] per axis scaled by ``steps / min(steps)`` (points beyond 1
+    dropped), ``size`` radial functions on [0, 1], ``sc(x) + 0.1 * conv3d(x, tp.right(sh, emb @ W / size**1.5))``.
+    """
+
+    def __init__(self, irreps_in, irreps_out, irreps_sh, size, steps=(1, 1, 1), cutoff=True):
+        super().__init__()
+        self.irreps_in, self.irreps_out = o3.Irreps(irreps_in), o3.Irreps(irreps_out)
+        self.irreps_sh = o3.Irreps(irreps_sh)
+        self.size = self.num_rbfs = size
+        self.kwargs = {"padding": size // 2}
+        self.sc = o3.Linear(self.irreps_in, self.irreps_out)
+        axes = [torch.linspace(-1, 1, size) * step / min(steps) for step in steps]
+        lattice = torch.stack(torch.meshgrid(*[a[a.abs() <= 1] for a in axes], indexing="ij"), dim=-1)
+        self.register_buffer("emb", radial_embedding(lattice.norm(dim=-1), 1.0, size, cutoff))
+        self.register_buffer("sh", o3.spherical_harmonics(self.irreps_sh, lattice, True, "component"))
+        self.tp = o3.FullyConnectedTensorProduct(self.irreps_in, self.irreps_sh, self.irreps_out,
+                                                 shared_weights=False, compile_right=True)
+        self.weight = torch.nn.Parameter(torch.randn(size, self.tp.weight_numel))
+
+    def forward(self, x):
+        sc = self.sc(x.transpose(1, 4)).transpose(1, 4)
+        kernel = self.tp.right(self.sh, self.emb @ self.weight / self.size ** 1.5)
+        return sc + 0.1 * F.conv3d(x, torch.einsum("xyzio->oixyz", kernel), **self.kwargs)
 
 
 def channels_last_apply(module, x):
@@ -90,8 +117,11 @@ def norm_max_pool3d(x, irreps, kernel_size, per_sample=True):
 
 
 class Pool(torch.nn.Module):
+    """e3nn_Unet's ``DynamicPool3d`` (same attributes); ``per_sample=False`` keeps its batch > 1 bug."""
+
     def __init__(self, scale, steps, mode, irreps, per_sample=True):
         super().__init__()
+        self.scale, self.steps = scale, steps
         self.kernel_size = tuple(math.floor(scale / s) if s < scale else 1 for s in steps)
         self.mode, self.irreps, self.per_sample = mode, o3.Irreps(irreps), per_sample
 
