@@ -192,20 +192,20 @@ def _window_scores(x_corner, offset, mask, dim, OPMATH: tl.constexpr, CHANNELS_L
 
 
 @triton.jit
-def _pool_kernel(x_ptr, y_ptr, argmax_ptr, fields_ptr, F, OX, OY, OZ,
-                 x_sb, x_sc, x_sx, x_sy, x_sz, y_sb, y_sc, y_sx, y_sy, y_sz,
-                 KX: tl.constexpr, KY: tl.constexpr, KZ: tl.constexpr, SX: tl.constexpr, SY: tl.constexpr,
-                 SZ: tl.constexpr, MAX_DIM: tl.constexpr, OPMATH: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                 BLOCK_F: tl.constexpr, BLOCK_O: tl.constexpr):
-    """Grid: output voxel blocks, field blocks, batch."""
-    b = tl.program_id(2)
-    out_voxels = OX * OY * OZ
-    o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
-    o_ok = o < out_voxels
-    o = tl.where(o_ok, o, 0)
-    ox = o // (OY * OZ)
-    oy = (o // OZ) % OY
-    oz = o % OZ
+def _voxel_block(NX, NY, NZ, BLOCK: tl.constexpr):
+    """This program's BLOCK voxels of an NX x NY x NZ grid (axis 0 of the grid): flat index (0 where
+    out of range), whether in range, and the three coordinates."""
+    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    n_ok = n < NX * NY * NZ
+    n = tl.where(n_ok, n, 0)
+    return n, n_ok, n // (NY * NZ), (n // NZ) % NY, n % NZ
+
+
+@triton.jit
+def _field_block(fields_ptr, F, voxel_ok, MAX_DIM: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                 BLOCK_F: tl.constexpr):
+    """This program's BLOCK_F fields (axis 1 of the grid): field index (0 where out of range), whether
+    in range, each field's dimension, and the channel and mask of every (field, component, voxel)."""
     field = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     field_ok = field < F
     field = tl.where(field_ok, field, 0)
@@ -214,7 +214,21 @@ def _pool_kernel(x_ptr, y_ptr, argmax_ptr, fields_ptr, F, OX, OY, OZ,
     m = tl.arange(0, MAX_DIM)
     channel = _per_field(start, CHANNELS_LAST) + _per_component(m, CHANNELS_LAST)
     mask = _per_field(field_ok, CHANNELS_LAST) & (_per_component(m, CHANNELS_LAST) < _per_field(dim, CHANNELS_LAST))
-    mask = mask & _per_voxel(o_ok, CHANNELS_LAST)
+    mask = mask & _per_voxel(voxel_ok, CHANNELS_LAST)
+    return field, field_ok, dim, channel, mask
+
+
+@triton.jit
+def _pool_kernel(x_ptr, y_ptr, argmax_ptr, fields_ptr, F, OX, OY, OZ,
+                 x_sb, x_sc, x_sx, x_sy, x_sz, y_sb, y_sc, y_sx, y_sy, y_sz,
+                 KX: tl.constexpr, KY: tl.constexpr, KZ: tl.constexpr, SX: tl.constexpr, SY: tl.constexpr,
+                 SZ: tl.constexpr, MAX_DIM: tl.constexpr, OPMATH: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                 BLOCK_F: tl.constexpr, BLOCK_O: tl.constexpr):
+    """Grid: output voxel blocks, field blocks, batch."""
+    b = tl.program_id(2)
+    out_voxels = OX * OY * OZ
+    o, o_ok, ox, oy, oz = _voxel_block(OX, OY, OZ, BLOCK_O)
+    field, field_ok, dim, channel, mask = _field_block(fields_ptr, F, o_ok, MAX_DIM, CHANNELS_LAST, BLOCK_F)
     field_dim = per_channel(dim, CHANNELS_LAST)
     corner = _spatial_offset(ox * SX, oy * SY, oz * SZ, x_sx, x_sy, x_sz)
     x_corner = x_ptr + b.to(tl.int64) * x_sb + channel.to(tl.int64) * x_sc + _per_voxel(corner, CHANNELS_LAST)
@@ -257,21 +271,8 @@ def _unpool_kernel(dy_ptr, argmax_ptr, dx_ptr, fields_ptr, F, NX, NY, NZ, OX, OY
                    BLOCK_F: tl.constexpr, BLOCK_O: tl.constexpr):
     """Grid: input voxel blocks (BLOCK_O voxels each, sharing the forward's configurations), field blocks, batch."""
     b = tl.program_id(2)
-    n = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
-    n_ok = n < NX * NY * NZ
-    n = tl.where(n_ok, n, 0)
-    nx = n // (NY * NZ)
-    ny = (n // NZ) % NY
-    nz = n % NZ
-    field = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
-    field_ok = field < F
-    field = tl.where(field_ok, field, 0)
-    start = tl.load(fields_ptr + field * 2)
-    dim = tl.load(fields_ptr + field * 2 + 1)
-    m = tl.arange(0, MAX_DIM)
-    channel = _per_field(start, CHANNELS_LAST) + _per_component(m, CHANNELS_LAST)
-    mask = _per_field(field_ok, CHANNELS_LAST) & (_per_component(m, CHANNELS_LAST) < _per_field(dim, CHANNELS_LAST))
-    mask = mask & _per_voxel(n_ok, CHANNELS_LAST)
+    n, n_ok, nx, ny, nz = _voxel_block(NX, NY, NZ, BLOCK_O)
+    field, field_ok, _, channel, mask = _field_block(fields_ptr, F, n_ok, MAX_DIM, CHANNELS_LAST, BLOCK_F)
     field_ok2 = per_channel(field_ok, CHANNELS_LAST)
     dy_fields = dy_ptr + b.to(tl.int64) * dy_sb + channel.to(tl.int64) * dy_sc
     argmax_fields = argmax_ptr + (b * F + per_channel(field, CHANNELS_LAST)).to(tl.int64) * (OX * OY * OZ)
