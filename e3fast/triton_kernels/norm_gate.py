@@ -401,13 +401,22 @@ def _apply_kernel(x_ptr, y_ptr, coef_ptr, rows_ptr, scales_ptr, N, C_in, C_out,
         gate = tl.where(out_ok, tl.load(row + 2), -1)
         if tl.max(gate, axis=0) >= 0:  # some output channel of the tile is gated
             gated = per_channel(gate >= 0, CHANNELS_LAST)
-            _, z_gate = _standardized(x_base, coef_group, tl.maximum(gate, 0), voxel, mask & gated, x_sc, x_sn,
-                                      OPMATH, NORMALIZE, CHANNELS_LAST)
-            gate_act = per_channel(tl.load(row + 3), CHANNELS_LAST)
-            gate_scale = per_channel(tl.load(scales_ptr + out * 2 + 1), CHANNELS_LAST)
-            y = tl.where(gated, y * gate_scale * _activation(z_gate, gate_act, GATE_ACTS), y)
+            factor = _gate_factor(x_base, coef_group, rows_ptr, scales_ptr, out, gate, voxel, mask & gated, x_sc,
+                                  x_sn, OPMATH, NORMALIZE, GATE_ACTS, CHANNELS_LAST)
+            y = tl.where(gated, y * factor, y)
     y_offsets = b.to(tl.int64) * y_sb + _tile_offsets(out, voxel, y_sc, y_sn, CHANNELS_LAST)
     tl.store(y_ptr + y_offsets, to_element_type(y, y_ptr), mask=mask)
+
+
+@triton.jit
+def _gate_factor(x_base, coef_group, rows_ptr, scales_ptr, out, gate, voxel, mask, x_sc, x_sn, OPMATH: tl.constexpr,
+                 NORMALIZE: tl.constexpr, GATE_ACTS: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+    """a' gate_act(z[gate]) of the output channels ``out`` gated by input channels ``gate`` (read where ``mask``)."""
+    _, z_gate = _standardized(x_base, coef_group, tl.maximum(gate, 0), voxel, mask, x_sc, x_sn, OPMATH, NORMALIZE,
+                              CHANNELS_LAST)
+    gate_act = per_channel(tl.load(rows_ptr + out * 4 + 3), CHANNELS_LAST)
+    gate_scale = per_channel(tl.load(scales_ptr + out * 2 + 1), CHANNELS_LAST)
+    return gate_scale * _activation(z_gate, gate_act, GATE_ACTS)
 
 
 @triton.jit
@@ -434,12 +443,9 @@ def _gate_gradient(x_base, dy_base, coef_group, rows_ptr, scales_ptr, source_of_
                 gate = tl.load(row + 2)
                 gated = present & (gate >= 0)
                 if tl.max(gated.to(tl.int32), axis=0) > 0:
-                    _, z_gate = _standardized(x_base, coef_group, tl.maximum(gate, 0), voxel,
-                                              per_channel(gated, CHANNELS_LAST) & voxel_ok, x_sc, x_sn, OPMATH,
-                                              NORMALIZE, CHANNELS_LAST)
-                    gate_act = per_channel(tl.load(row + 3), CHANNELS_LAST)
-                    gate_scale = per_channel(tl.load(scales_ptr + out * 2 + 1), CHANNELS_LAST)
-                    factor = gate_scale * _activation(z_gate, gate_act, GATE_ACTS)
+                    factor = _gate_factor(x_base, coef_group, rows_ptr, scales_ptr, out, gate, voxel,
+                                          per_channel(gated, CHANNELS_LAST) & voxel_ok, x_sc, x_sn, OPMATH,
+                                          NORMALIZE, GATE_ACTS, CHANNELS_LAST)
                     term = tl.where(per_channel(gated, CHANNELS_LAST), term * factor, term)
             grad += term
     if GATE_ACTS != 0:
