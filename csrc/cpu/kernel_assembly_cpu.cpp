@@ -29,6 +29,7 @@
 #include <torch/library.h>
 
 #include "input_checks.h"
+#include "kernel_assembly_tables.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -37,12 +38,6 @@
 namespace e3fast {
 namespace {
 
-constexpr int64_t kPathColumns = 9;
-constexpr int64_t kSelfConnectionColumns = 6;
-
-struct PathRow {
-  int64_t in_offset, in_mul, in_dim, out_offset, out_mul, out_dim, weight_offset, weight_u_stride, basis_offset;
-};
 
 struct SelfConnectionRow {
   int64_t in_offset, in_mul, out_offset, out_mul, dim, weight_offset;

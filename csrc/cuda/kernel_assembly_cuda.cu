@@ -28,6 +28,7 @@
 // refuses) gets the sum of both contributions, the exact transpose.
 #include "cuda_common.cuh"
 #include "input_checks.h"
+#include "kernel_assembly_tables.h"
 
 #include <tuple>
 
@@ -38,14 +39,8 @@ using namespace e3fast::cuda;
 
 constexpr const char* kForwardOp = "e3fast::assemble_kernel";
 constexpr const char* kBackwardOp = "e3fast::assemble_kernel_backward";
-constexpr int64_t kPathColumns = 9;
-constexpr int64_t kSelfConnectionColumns = 6;
 constexpr int kCheckThreads = 256;
 constexpr int kRadialChunk = 8;
-
-struct PathRow {
-  int64_t in_offset, in_mul, in_dim, out_offset, out_mul, out_dim, weight_offset, weight_u_stride, basis_offset;
-};
 
 struct SelfConnectionRow {
   int64_t in_offset, in_mul, out_offset, out_mul, dim, weight_offset;
