@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 
-def _read_labels(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _read_labels(path: Path) -> np.ndarray:
     import nibabel
 
     image = nibabel.load(str(path))
@@ -28,7 +28,15 @@ def _read_labels(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{path}: expected a 3D label map, got shape {data.shape}")
     if not np.all(np.equal(np.mod(data, 1), 0)):
         raise ValueError(f"{path}: label maps must hold whole numbers")
-    return data.astype(np.int64), image.affine
+    return data.astype(np.int64)
+
+
+def _label_map_in(folder: Path, name: str) -> Path | None:
+    """``folder/name.nii.gz`` or ``folder/name.nii``, whichever exists (None if neither)."""
+    from e3fast.inference.nifti_io import NIFTI_SUFFIXES
+
+    return next((path for path in (Path(folder) / (name + suffix) for suffix in NIFTI_SUFFIXES) if path.is_file()),
+                None)
 
 
 def _label_names(dataset_json: Path | None, values) -> dict[int, str]:
@@ -52,11 +60,10 @@ def evaluate_folders(predictions: Path, references: Path, dataset_json: Path | N
         raise ValueError(f"{predictions} holds no NIfTI label maps")
     pairs = []
     for path in files:
-        matches = [Path(references) / (nifti_stem(path) + suffix) for suffix in NIFTI_SUFFIXES]
-        reference = next((m for m in matches if m.is_file()), None)
+        reference = _label_map_in(references, nifti_stem(path))
         if reference is None:
             raise ValueError(f"no reference label map for {path.name} in {references}")
-        pairs.append((nifti_stem(path), _read_labels(path)[0], _read_labels(reference)[0]))
+        pairs.append((nifti_stem(path), _read_labels(path), _read_labels(reference)))
     values = sorted(set().union(*(np.unique(r).tolist() for _, _, r in pairs)) - {0})
     names = _label_names(dataset_json, values)
     if dataset_json is not None:
@@ -81,16 +88,15 @@ def evaluate_folders(predictions: Path, references: Path, dataset_json: Path | N
 def load_test_cases(images: Path, labels: Path, channels: int, max_cases: int | None = None) -> list:
     """Test cases of ``images`` (CASE_XXXX files) with their label maps ``labels/CASE.nii.gz``."""
     from e3fast.evaluation.robustness import HeldOutCase
-    from e3fast.inference.nifti_io import NIFTI_SUFFIXES, find_cases, read_image
+    from e3fast.inference.nifti_io import find_cases, read_image
 
     cases = []
     for case in find_cases([images], channels)[:max_cases]:
-        candidates = [Path(labels) / (case.name + suffix) for suffix in NIFTI_SUFFIXES]
-        label_path = next((c for c in candidates if c.is_file()), None)
+        label_path = _label_map_in(labels, case.name)
         if label_path is None:
             raise ValueError(f"no label map for case {case.name} in {labels}")
         loaded = read_image(case.channel_paths)
-        label_map = _read_labels(label_path)[0]
+        label_map = _read_labels(label_path)
         if label_map.shape != loaded.image.shape[1:]:
             raise ValueError(f"{label_path}: shape {label_map.shape} differs from its image's {loaded.image.shape[1:]}")
         cases.append(HeldOutCase(case.name, loaded.image, label_map))

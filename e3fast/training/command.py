@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from e3fast.models.factory import MODEL_KINDS
 from e3fast.training.config import EQUIVARIANCES, ROTATION_AUGMENTATIONS, TrainConfig
 from e3fast.training.losses import LOSSES
 
@@ -55,7 +56,7 @@ def add_train_command(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--model", choices=("equivariant", "plain"), default=DEFAULTS.model,
+    model.add_argument("--model", choices=MODEL_KINDS, default=DEFAULTS.model,
                        help="equivariant U-Net (the paper's) or the plain U-Net baseline (equivariant)")
     model.add_argument("--width", type=int, default=DEFAULTS.width, help="equivariant irreps multiplicity n: "
                        "4n x0e + 2n x1e + n x2e on the top level, doubling per level (2: the paper's 8:4:2)")

@@ -82,9 +82,3 @@ def broadcast_from_main(value, context: ProcessContext):
     holder = [value]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
-
-
-def barrier(context: ProcessContext) -> None:
-    """Wait for every rank (a no-op for a world of one)."""
-    if context.is_distributed:
-        dist.barrier()

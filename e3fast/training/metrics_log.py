@@ -70,9 +70,3 @@ def _tensorboard_writer(directory: Path):
     except ImportError:  # tensorboard is optional
         return None
     return SummaryWriter(str(directory))
-
-
-def read_metrics(path) -> list[dict]:
-    """The rows of a metrics.csv as dicts of strings."""
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))

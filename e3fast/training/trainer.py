@@ -105,8 +105,9 @@ class _Run:
         num_classes = self.dataset.num_classes
         self.training_cases = load_training_cases(training, num_classes, config.use_nonzero_mask, config.seed)
         self.validation_cases = load_training_cases(validation, num_classes, config.use_nonzero_mask, config.seed)
-        self.spacing = median_spacing(case.spacing for case in self.training_cases + self.validation_cases)
-        off_spacing = cases_off_spacing(self.training_cases + self.validation_cases, self.spacing)
+        all_cases = self.training_cases + self.validation_cases
+        self.spacing = median_spacing(case.spacing for case in all_cases)
+        off_spacing = cases_off_spacing(all_cases, self.spacing)
         if off_spacing and context.is_main:
             print(f"e3fast train: warning: {len(off_spacing)} case(s) differ by more than 10% from the median "
                   f"spacing {self.spacing} and are not resampled: {', '.join(off_spacing[:5])}", file=sys.stderr)
