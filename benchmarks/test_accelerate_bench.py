@@ -25,18 +25,13 @@ import functools
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import e3fast
-from bench_settings import automatic_backend, bench_size
+from bench_settings import PAPER_UNET, backend_label, bench_size, segmentation_inputs, train_step
 from e3fast.testing import e3nn_reference
 from e3fast.testing.memory import module_state_tensors
 
 SIZE = bench_size()
-NUM_CLASSES = 4
-PAPER_UNET = dict(input_irreps="1x0e", output_irreps=f"{NUM_CLASSES}x0e", diameter=5, num_radial_basis=5,
-                  steps=(1, 1, 1), n=2, n_downsample=3)
-_MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
 
 
 # Built once each (building and accelerating the e3nn modules takes a while); the rows share them.
@@ -76,32 +71,15 @@ INFERENCE = {
 }
 
 
-def _backend(impl: str) -> str:
-    return f"auto: {automatic_backend()}" if impl == "e3fast" else "-"
-
-
-def _inputs(memory_format: str):
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 1, SIZE, SIZE, SIZE, generator=generator)
-    labels = torch.randint(0, NUM_CLASSES, (1, SIZE, SIZE, SIZE), generator=generator)
-    return x.contiguous(memory_format=_MEMORY_FORMATS[memory_format]), labels
-
-
 @pytest.mark.parametrize("name", TRAINING)
 def test_accelerated_train_step(measure, name):
     build, impl, label, memory_format, baseline = TRAINING[name]
     model = build().train()
-    x, labels = _inputs(memory_format)
+    x, labels = segmentation_inputs(memory_format)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-    def step():
-        loss = F.cross_entropy(model(x), labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    measure(step, group=f"accelerate: e3nn_Unet train step 1x1x{SIZE}^3", impl=impl, label=label,
-            backend=_backend(impl), memory_format=memory_format, baseline=baseline, slow=True,
+    measure(train_step(model, optimizer, x, labels), group=f"accelerate: e3nn_Unet train step 1x1x{SIZE}^3",
+            impl=impl, label=label,
+            backend=backend_label(impl), memory_format=memory_format, baseline=baseline, slow=True,
             resident=lambda: [*module_state_tensors(model, optimizer), x, labels])
 
 
@@ -109,12 +87,12 @@ def test_accelerated_train_step(measure, name):
 def test_accelerated_inference(measure, name):
     build, impl, label, memory_format, baseline = INFERENCE[name]
     model = build().eval()
-    x, _ = _inputs(memory_format)
+    x, _ = segmentation_inputs(memory_format)
 
     def infer():
         with torch.inference_mode():
             model(x)
 
     measure(infer, group=f"accelerate: e3nn_Unet inference 1x1x{SIZE}^3", impl=impl, label=label,
-            backend=_backend(impl), memory_format=memory_format, baseline=baseline, slow=True,
+            backend=backend_label(impl), memory_format=memory_format, baseline=baseline, slow=True,
             resident=lambda: [*module_state_tensors(model), x])

@@ -103,10 +103,11 @@ def tensor_product_paths(irreps_in, irreps_sh, irreps_out, sh: torch.Tensor, rad
         if numel > 0 and ins.path_weight != 0:
             for v in range(mul_sh):
                 start = sh_offsets[ins.i_in2] + v * ir_sh.dim
-                block = (angular(ir_in.l, ir_sh.l, ir_out.l, start) * ins.path_weight)[..., None] * radial[:, None, None, :]
+                angular_part = angular(ir_in.l, ir_sh.l, ir_out.l, start) * ins.path_weight
+                block = angular_part[..., None] * radial[:, None, None, :]  # [taps, m1, m3, R]
                 rows.append((in_offsets[ins.i_in1], mul_in, ir_in.dim, out_offsets[ins.i_out], mul_out, ir_out.dim,
                              weight_offset + v * mul_out, mul_sh * mul_out, basis_offset))
-                blocks.append(block.reshape(-1))  # [taps, m1, m3, R]
+                blocks.append(block.reshape(-1))
                 basis_offset += block.numel()
         weight_offset += numel
     return rows, blocks, tp.weight_numel

@@ -1,6 +1,7 @@
 """Shared test configuration: seeds, tolerances and the list of backends to test."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -62,6 +63,33 @@ def assert_relative(actual, expected, rtol: float, what: str = "") -> None:
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     error = relative_error(actual, expected)
     assert error <= rtol, f"{what}: relative error {error:.3g} > {rtol:.1g}"
+
+
+def randomized(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every parameter drawn from N(0, 1), also the affine weights and biases, which
+    start at 1 / 0."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_()
+    return model
+
+
+def assert_outputs_and_gradients(model, reference, x, rtol: float, backend: str | None = None) -> None:
+    """``model`` (run on ``backend``, if given) and ``reference`` give the same output on ``x``, and
+    the same gradients of the input and of each parameter (by name) for one random output gradient."""
+    x_ref = x.detach().clone().requires_grad_()
+    x = x.detach().clone().requires_grad_()
+    with e3fast.use_backend(backend) if backend is not None else contextlib.nullcontext():
+        out = model(x)
+    expected = reference(x_ref)
+    assert_relative(out, expected, rtol, "output")
+    grad_out = torch.randn_like(expected)
+    out.backward(grad_out)
+    expected.backward(grad_out)
+    assert_relative(x.grad, x_ref.grad, rtol, "input gradient")
+    reference_parameters = dict(reference.named_parameters())
+    for name, parameter in model.named_parameters():
+        assert_relative(parameter.grad, reference_parameters[name].grad, rtol, f"gradient of {name}")
 
 
 def to_layout(x: torch.Tensor, layout: str) -> torch.Tensor:

@@ -18,7 +18,7 @@ from e3nn.nn.models.v2104.voxel_convolution import Convolution as ConvolutionV21
 import e3fast
 import e3fast.nn.convolution as convolution_module
 import e3fast.nn.linear as linear_module
-from conftest import assert_relative
+from conftest import assert_outputs_and_gradients, assert_relative, randomized
 from e3fast.acceleration.convolution import AcceleratedConvolution
 from e3fast.acceleration.e3nn_layout import E3nnLayoutDropout, E3nnLayoutNormGate, GateComputedByNorm
 from e3fast.acceleration.pooling import AcceleratedNormMaxPool3d
@@ -47,17 +47,10 @@ def _default_dtype(dtype):
         torch.set_default_dtype(previous)
 
 
-def _randomized(model: torch.nn.Module) -> torch.nn.Module:
-    with torch.no_grad():
-        for parameter in model.parameters():  # also the affine weights and biases, which start at 1 / 0
-            parameter.normal_()
-    return model
-
-
 def _twins(build, dtype=torch.float32):
     """Two independent models with the same weights: one to accelerate, one to compare with."""
     with _default_dtype(dtype):
-        original = _randomized(build())
+        original = randomized(build())
         twin = build()
     twin.load_state_dict(original.state_dict())
     return original, twin
@@ -69,7 +62,7 @@ def _pristine_e3nn_unet(equivariance, n_downsample, options=()):
     (building the e3nn modules takes seconds); use :func:`_unet_twins` for copies."""
     torch.manual_seed(0)
     with _default_dtype(torch.float64):
-        return _randomized(_e3nn_unet(equivariance, n_downsample, **dict(options)))
+        return randomized(_e3nn_unet(equivariance, n_downsample, **dict(options)))
 
 
 def _unet(equivariance="SO3", n_downsample=2, **options):
@@ -97,20 +90,6 @@ def _x(*shape):
     return torch.randn(*shape, dtype=torch.float64)
 
 
-def _check_outputs_and_gradients(accelerated, original, x, rtol=RTOL):
-    x_ref = x.detach().clone().requires_grad_()
-    x = x.detach().clone().requires_grad_()
-    out, expected = accelerated(x), original(x_ref)
-    assert_relative(out, expected, rtol, "output")
-    grad_out = torch.randn_like(expected)
-    out.backward(grad_out)
-    expected.backward(grad_out)
-    assert_relative(x.grad, x_ref.grad, rtol, "input gradient")
-    original_parameters = dict(original.named_parameters())
-    for name, parameter in accelerated.named_parameters():
-        assert_relative(parameter.grad, original_parameters[name].grad, rtol, f"gradient of {name}")
-
-
 # ---------------------------------------------------------------- e3nn_Unet-structured U-Nets
 # verify=False: e3nn_reference's modules are e3nn_Unet's by construction; the check that
 # accelerate runs on modules recognised by structure is tested on the convolution stacks below.
@@ -134,7 +113,7 @@ def test_unet_outputs_and_gradients_equal_the_original(equivariance, n_downsampl
     # The same parameter objects, under the same names; the same state_dict keys.
     assert all(p is parameters[name] for name, p in model.named_parameters())
     assert set(model.state_dict()) == keys
-    _check_outputs_and_gradients(model, original, _x(1, 1, *size))
+    assert_outputs_and_gradients(model, original, _x(1, 1, *size), RTOL)
 
 
 def test_unet_on_the_reference_backend():
@@ -172,7 +151,7 @@ def test_unet_options(options):
         assert not report.fused and report.replaced_classes()["Gate"] == 10
     if options.get("down_op") == "average":
         assert sum("average pooling" in entry.reason for entry in report.kept) == 2
-    _check_outputs_and_gradients(model, original, _x(1, 1, 8, 8, 7))
+    assert_outputs_and_gradients(model, original, _x(1, 1, 8, 8, 7), RTOL)
 
 
 def test_training_step_through_an_optimizer_made_before_the_swap():
@@ -212,7 +191,7 @@ def test_training_step_through_an_optimizer_made_before_the_swap():
 def test_checkpoints_load_both_ways():
     model, original = _unet_twins("SO3", 2)
     e3fast.accelerate(model, verify=False)
-    fresh_e3nn, fresh_accelerated = _randomized(_unet("SO3", 2)), _randomized(_unet("SO3", 2))  # other weights
+    fresh_e3nn, fresh_accelerated = randomized(_unet("SO3", 2)), randomized(_unet("SO3", 2))  # other weights
     e3fast.accelerate(fresh_accelerated, verify=False)
     result = fresh_e3nn.load_state_dict(model.state_dict(), strict=True)  # accelerated -> e3nn
     assert not result.missing_keys and not result.unexpected_keys
@@ -261,7 +240,7 @@ def test_convolution_stacks(name):
     assert [type(m) for m in model] == [AcceleratedConvolution] * 2
     checked = "checked on a test input" in report.replaced[0].detail
     assert checked == name.startswith("e3nn_Unet"), "only modules recognised by structure are checked"
-    _check_outputs_and_gradients(model, original, torch.randn(2, 5, 7, 6, 8))
+    assert_outputs_and_gradients(model, original, torch.randn(2, 5, 7, 6, 8), RTOL)
 
 
 def test_convolution_as_the_model_itself_and_in_float64():
@@ -291,7 +270,7 @@ def test_norm_and_gate_on_e3nn_layout_tensors_of_any_rank(shape, instance):
     _, report = e3fast.accelerate(parent)
     assert report.fused == [("norm", "gate")]
     x = _x(*shape[:-1], twin.gate.irreps_in.dim) + 0.3
-    _check_outputs_and_gradients(parent, twin, x)
+    assert_outputs_and_gradients(parent, twin, x, RTOL)
 
 
 class _NormThenGate(torch.nn.Module):
@@ -319,7 +298,7 @@ class _Untraceable(_NormThenGate):
 @pytest.mark.parametrize("parent", [_NormUsedTwice, _Untraceable])
 def test_norm_and_gate_that_cannot_be_fused_are_replaced_one_by_one(parent):
     gate = Gate("4x0e", [torch.relu], "2x0e", [torch.sigmoid], "2x1o")
-    build = lambda: parent(_randomized(BatchNorm(gate.irreps_in, instance=True)), gate)  # noqa: E731
+    build = lambda: parent(randomized(BatchNorm(gate.irreps_in, instance=True)), gate)  # noqa: E731
     model, original = _twins(build)
     _, report = e3fast.accelerate(model)
     assert not report.fused
@@ -327,7 +306,7 @@ def test_norm_and_gate_that_cannot_be_fused_are_replaced_one_by_one(parent):
     if parent is _Untraceable:
         assert "could not be traced" in report.notes[0]
     x = (torch.randn(2, gate.irreps_in.dim, 4, 5, 3) + 0.2).transpose(1, 4)  # a channels-last view, as e3nn_Unet passes
-    _check_outputs_and_gradients(model, original, x)
+    assert_outputs_and_gradients(model, original, x, RTOL)
 
 
 def test_channels_last_views_are_not_copied():
@@ -446,7 +425,7 @@ def _accelerated_unet():
 
 def _equivariant_unet():
     with _default_dtype(torch.float64):
-        return _randomized(EquivariantUNet("1x0e", "2x0e", 5.0, 3, (1.0, 1.0, 1.0), n=1, n_downsample=1))
+        return randomized(EquivariantUNet("1x0e", "2x0e", 5.0, 3, (1.0, 1.0, 1.0), n=1, n_downsample=1))
 
 
 FROZEN_MODELS = {"accelerated e3nn_Unet": _accelerated_unet, "e3fast EquivariantUNet": _equivariant_unet}
@@ -484,12 +463,12 @@ def test_frozen_model_refuses_to_train_and_unfreeze_goes_back():
         model(_x(1, 1, 4, 4, 4))
     assert e3fast.unfreeze(model) is model and model.training and not e3fast.is_frozen(model)
     x = _x(1, 1, 4, 4, 4)
-    _check_outputs_and_gradients(model, reference, x)  # trains again, every weight gets its gradient
+    assert_outputs_and_gradients(model, reference, x, RTOL)  # trains again, every weight gets its gradient
 
 
 def test_loading_weights_into_a_frozen_model_refreezes_its_kernels():
     model = e3fast.freeze(_equivariant_unet())
-    other = _randomized(copy.deepcopy(model))  # other weights; its frozen kernels are stale now
+    other = randomized(copy.deepcopy(model))  # other weights; its frozen kernels are stale now
     other.load_state_dict(other.state_dict())  # reassembles them
     model.load_state_dict(other.state_dict())
     x = _x(1, 1, 4, 4, 4)

@@ -4,8 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import e3fast
-from conftest import FAST_BACKENDS, assert_relative
+from conftest import FAST_BACKENDS, assert_outputs_and_gradients, assert_relative, randomized
 from e3fast.models import EquivariantUNet
 from e3fast.testing.e3nn_reference import UNet as E3nnUNet
 
@@ -13,29 +12,10 @@ BACKENDS = ["reference"] + FAST_BACKENDS
 
 
 def _pair(*args, **kwargs):
-    reference = E3nnUNet(*args, **kwargs)
-    with torch.no_grad():
-        for parameter in reference.parameters():  # also the affine weights and biases, which start at 1 / 0
-            parameter.normal_()
+    reference = randomized(E3nnUNet(*args, **kwargs))
     model = EquivariantUNet(*args, **kwargs)
     model.load_state_dict(reference.state_dict())
     return model, reference
-
-
-def _check_outputs_and_gradients(model, reference, x, backend, rtol=1e-4):
-    x_ref = x.detach().clone().requires_grad_()
-    x = x.detach().clone().requires_grad_()
-    with e3fast.use_backend(backend):
-        out = model(x)
-    expected = reference(x_ref)
-    assert_relative(out, expected, rtol, "U-Net output")
-    grad_out = torch.randn_like(expected)
-    out.backward(grad_out)
-    expected.backward(grad_out)
-    assert_relative(x.grad, x_ref.grad, rtol, "input gradient")
-    reference_parameters = dict(reference.named_parameters())
-    for name, parameter in model.named_parameters():
-        assert_relative(parameter.grad, reference_parameters[name].grad, rtol, f"gradient of {name}")
 
 
 CONFIGURATIONS = [
@@ -52,7 +32,7 @@ CONFIGURATIONS = [
 def test_unet_equals_e3nn_composition(backend, equivariance, n_downsample, batch, steps, size):
     model, reference = _pair("1x0e", "3x0e", 5.0, 5, steps, n=1, n_downsample=n_downsample,
                              equivariance=equivariance)
-    _check_outputs_and_gradients(model, reference, torch.randn(batch, 1, *size), backend)
+    assert_outputs_and_gradients(model, reference, torch.randn(batch, 1, *size), 1e-4, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -64,7 +44,7 @@ def test_unet_equals_e3nn_composition(backend, equivariance, n_downsample, batch
 ])
 def test_unet_options_equal_e3nn_composition(backend, options):
     model, reference = _pair("2x0e+1x1o", "2x0e+1x1o", 4.0, 3, (1.0, 1.0, 1.0), n=1, n_downsample=2, **options)
-    _check_outputs_and_gradients(model, reference, torch.randn(2, 5, 8, 9, 8), backend)
+    assert_outputs_and_gradients(model, reference, torch.randn(2, 5, 8, 9, 8), 1e-4, backend)
 
 
 def test_unet_batch_norm_running_statistics_and_eval_mode():

@@ -32,7 +32,6 @@ class AcceleratedConvolution(KeepsE3nnStateDict, VoxelConvolution):
         self.sc.weight = original.sc.weight
         self.units = recipe.units
         self.kwargs = dict(original.kwargs)
-        self.keep_e3nn_constants(original)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The e3nn constants are this module's own (not VoxelConvolution's, derived from a diameter).

@@ -129,11 +129,15 @@ class _Swapper:
         except Unsupported as reason:
             self.report.kept.append(Kept(path, type(module).__name__, str(reason)))
             return module
-        replacement.train(module.training)
-        if isinstance(replacement, KeepsE3nnStateDict):
-            replacement.keep_e3nn_constants(module)
-        self.report.replaced.append(Replaced(path, type(module).__name__, type(replacement).__name__, detail))
+        self._adopt(module, replacement, path, detail)
         return replacement
+
+    def _adopt(self, original: torch.nn.Module, replacement: torch.nn.Module, path: str, detail: str) -> None:
+        """Give ``replacement`` the original's mode (and e3nn constants) and report the swap."""
+        replacement.train(original.training)
+        if isinstance(replacement, KeepsE3nnStateDict):
+            replacement.keep_e3nn_constants(original)
+        self.report.replaced.append(Replaced(path, type(original).__name__, type(replacement).__name__, detail))
 
     def _visit_children(self, parent: torch.nn.Module, path: str) -> None:
         fused = self._fuse_norms_and_gates(parent, path)
@@ -203,13 +207,10 @@ class _Swapper:
             self.report.notes.append(f"{norm_path} + {gate_path} not fused: {reason}")
             return False
         passthrough = GateComputedByNorm(gate, norm_name)
-        for original, replacement, new_path, detail in ((norm, fused, norm_path, f"fused with {gate_name}"),
-                                                         (gate, passthrough, gate_path, f"computed by {norm_name}")):
-            replacement.train(original.training)
-            replacement.keep_e3nn_constants(original)
-            setattr(parent, new_path.rsplit(".", 1)[-1], replacement)
+        for name, original, replacement, detail in ((norm_name, norm, fused, f"fused with {gate_name}"),
+                                                     (gate_name, gate, passthrough, f"computed by {norm_name}")):
+            self._adopt(original, replacement, _child_path(path, name), detail)
+            setattr(parent, name, replacement)
             self.visited[id(original)] = replacement
-            self.report.replaced.append(Replaced(new_path, type(original).__name__, type(replacement).__name__,
-                                                 detail))
         self.report.fused.append((norm_path, gate_path))
         return True

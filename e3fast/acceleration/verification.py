@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from e3fast.acceleration.recognition import Unsupported
+from e3fast.acceleration.recognition import Unsupported, _triple
 
 RTOL = 1e-4
 
@@ -21,8 +21,7 @@ def convolution_example(conv: torch.nn.Module) -> torch.Tensor:
 
 def pooling_example(pool: torch.nn.Module, irreps_dim: int) -> torch.Tensor:
     """One sample covering two windows per axis."""
-    kernel_size = pool.kernel_size if isinstance(pool.kernel_size, (tuple, list)) else (pool.kernel_size,) * 3
-    return _random(None, irreps_dim, tuple(2 * k for k in kernel_size))
+    return _random(None, irreps_dim, tuple(2 * k for k in _triple(pool.kernel_size)))
 
 
 def _random(like: torch.Tensor | None, channels: int, spatial: tuple[int, ...]) -> torch.Tensor:
